@@ -1,0 +1,6 @@
+"""FL algorithms as registered parts: client loss terms and server steps.
+
+Importing this package registers every part, so configs can name them.
+"""
+
+from mmfed.algorithms import fedavg, task  # noqa: F401  (registration side effects)

@@ -1,0 +1,89 @@
+"""The two kinds of algorithm parts.
+
+A **loss term** adds named losses to a client's local objective; the trainer sums them and logs
+each one, so the logged loss is the optimised loss. A **server step** contributes to what the server
+broadcasts each round and consumes the clients' replies (aggregate, distill, correct ...). A method
+is a recipe in config: which terms, which steps, with which weights. None of them knows the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmfed.data.layout import CLIENT_KINDS, ClientSpec
+from mmfed.models.multimodal import MultimodalModel
+from mmfed.protocol import Payload, Reply
+
+Batch = dict[str, Any]  # images uint8 [B,3,H,W] | captions list[str] | image_labels / text_labels int64 [B]
+Outputs = dict[str, torch.Tensor]  # image_emb / text_emb: [B, D] (not normalised)
+
+
+@dataclass
+class ClientRound:
+    """What a loss term may look at when a client's round starts."""
+
+    cid: str
+    kind: str
+    round: int
+    payload: Payload
+    model: MultimodalModel
+    state: dict[str, Any] = field(default_factory=dict)  # this term's personal state from earlier rounds
+
+
+class LossTerm(nn.Module):
+    """Base class: `kinds` says which client kinds use the term; `forward` returns weighted losses."""
+
+    kinds: tuple[str, ...] = CLIENT_KINDS
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        self.weight = weight
+
+    def applies_to(self, kind: str, model: MultimodalModel) -> bool:
+        return kind in self.kinds and self.weight > 0
+
+    def begin(self, round_: ClientRound) -> None:
+        """Called once per client round before training (e.g. keep a frozen copy of the global model)."""
+
+    def forward(self, batch: Batch, out: Outputs, model: MultimodalModel) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def end(self) -> dict[str, Any]:
+        """Personal state to keep with the client until its next round (empty: nothing to keep)."""
+        return {}
+
+
+@dataclass
+class ServerRound:
+    """What a server step may look at in one round."""
+
+    round: int
+    seed: int
+    global_model: MultimodalModel
+    clients: list[ClientSpec]
+
+
+class ServerStep:
+    """Base class. `stage` is the client stage whose replies the step consumes ("fit" by default)."""
+
+    stage: str = "fit"
+
+    def broadcast(self, round_: ServerRound, client: ClientSpec) -> Payload:
+        """This step's part of the payload for `client`: tensors, config, and what to reply with."""
+        return Payload()
+
+    def aggregate(self, round_: ServerRound, replies: list[Reply]) -> dict[str, float]:
+        """Consume the replies (update `round_.global_model` in place); return metrics to log."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state

@@ -1,0 +1,125 @@
+"""Structured configs generated from constructor signatures.
+
+Why: a component's typed ``__init__`` signature *is* its config (the diffusers idea). `register`
+turns a class into a Hydra structured-config node with the same keys, types and defaults, so
+defaults are written once (in the signature), unknown keys are rejected by OmegaConf's struct mode,
+and values are type-checked on override. Presets in ``configs/`` then only state what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+T = TypeVar("T")
+
+_SCALARS = (int, float, str, bool)
+# group -> name -> class, so errors can list what exists and tests can build every entry.
+REGISTRY: dict[str, dict[str, type]] = {}
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and what is allowed."""
+
+
+def _omegaconf_type(annotation: Any) -> Any:
+    """Map a Python annotation onto one OmegaConf can validate (others become Any)."""
+    if annotation in _SCALARS:
+        return annotation
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and len(args) == 2:
+            mapped = _omegaconf_type(inner[0])
+            return Any if mapped is Any else typing.Optional[mapped]  # noqa: UP045 (OmegaConf wants Optional)
+        return Any
+    if origin is typing.Literal:
+        kinds = {type(a) for a in args}
+        return kinds.pop() if len(kinds) == 1 and next(iter(kinds)) in _SCALARS else Any
+    if origin in (list, tuple, Sequence):
+        item = args[0] if args else Any
+        mapped = _omegaconf_type(item)
+        return list[mapped] if mapped in _SCALARS else list[Any]
+    if origin in (dict, Mapping):
+        return dict[str, Any]
+    return Any
+
+
+def node_for(target: Callable[..., Any], target_path: str | None = None) -> type:
+    """A dataclass whose fields are `target`'s keyword arguments, plus Hydra's ``_target_``."""
+    signature = inspect.signature(target)
+    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    fields: list[tuple[str, Any, Any]] = [
+        ("_target_", str, dataclasses.field(default=target_path or f"{target.__module__}.{target.__qualname__}"))
+    ]
+    for name, parameter in signature.parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        annotation = _omegaconf_type(hints.get(name, Any))
+        default = parameter.default
+        if default is inspect.Parameter.empty:
+            field = dataclasses.field(default=MISSING)
+        elif isinstance(default, (list, tuple, dict)):
+            frozen = list(default) if isinstance(default, tuple) else default
+            field = dataclasses.field(default_factory=lambda value=frozen: _copy(value))
+        else:
+            field = dataclasses.field(default=default)
+        fields.append((name, annotation, field))
+    return dataclasses.make_dataclass(f"{target.__name__}Config", fields)
+
+
+def _copy(value: Any) -> Any:
+    return [*value] if isinstance(value, list) else dict(value)
+
+
+def register(group: str, name: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: make `cls` selectable as ``group=name`` (and buildable with `instantiate`)."""
+
+    def decorate(cls: type[T]) -> type[T]:
+        REGISTRY.setdefault(group, {})[name] = cls
+        ConfigStore.instance().store(group=group, name=name, node=node_for(cls))
+        return cls
+
+    return decorate
+
+
+def registered(group: str) -> dict[str, type]:
+    return dict(REGISTRY.get(group, {}))
+
+
+def instantiate(cfg: DictConfig | Mapping[str, Any], key: str, **kwargs: Any) -> Any:
+    """Build the component configured at `key`; a bad value becomes a ConfigError naming `key`."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(cfg, _convert_="all", **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ConfigError(f"config key '{key}': {message}") from cause
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"config key '{key}': {error}") from error
+
+
+def to_container(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """One-line error naming the argument, the value received and the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def check_positive(name: str, value: float, strict: bool = True) -> None:
+    if (value <= 0) if strict else (value < 0):
+        raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value!r}")

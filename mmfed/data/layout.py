@@ -1,0 +1,106 @@
+"""The federation layout: which client gets which samples, in which modality.
+
+The client-private training split is first divided among the three client kinds in proportion
+to their client counts, then each kind's pool is partitioned over its clients by the kind's label
+(image-only and paired clients: the image label; text-only clients: the text label). Each client's
+share is finally split into its local train and local test ids (the local test split is held out
+from the client's own distribution, for personalization). Everything is keyed by stable sample
+ids and saved with the run, so a partition can be checked and never silently reused when stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmfed.config import check_positive, register
+from mmfed.data.partition import Partitioner
+from mmfed.data.samples import MultimodalSplit
+from mmfed.utils.io import load_json, save_json
+
+CLIENT_KINDS = ("image", "text", "paired")
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """One client: its id, its modality kind and the sample ids it owns."""
+
+    cid: str
+    kind: str
+    train_ids: tuple[str, ...]
+    test_ids: tuple[str, ...] = ()
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.train_ids)
+
+
+@register("layout", "default")
+class FederationLayout:
+    """How many clients of each kind, and how much of each client's share is its local test split."""
+
+    def __init__(self, image: int = 3, text: int = 3, paired: int = 3, local_test_fraction: float = 0.1) -> None:
+        for name, count in (("image", image), ("text", text), ("paired", paired)):
+            check_positive(f"layout.{name}", count, strict=False)
+        if image + text + paired == 0:
+            raise ValueError("layout: at least one client is needed (image + text + paired = 0)")
+        if not 0.0 <= local_test_fraction < 1.0:
+            raise ValueError(f"layout.local_test_fraction must be in [0, 1), got {local_test_fraction}")
+        self.counts = {"image": image, "text": text, "paired": paired}
+        self.local_test_fraction = local_test_fraction
+
+    def build(self, train: MultimodalSplit, partitioner: Partitioner, rng: np.random.Generator) -> list[ClientSpec]:
+        kinds = [kind for kind in CLIENT_KINDS if self.counts[kind] > 0]
+        self._check_columns(train, kinds)
+        total = sum(self.counts.values())
+        order = rng.permutation(len(train))
+        bounds = np.cumsum([0] + [self.counts[kind] for kind in kinds]) * len(train) // total
+        clients: list[ClientSpec] = []
+        for kind, start, stop in zip(kinds, bounds[:-1], bounds[1:], strict=True):
+            pool = order[start:stop]
+            labels = self._labels(train, kind)[pool]
+            for index, part in enumerate(partitioner(labels, self.counts[kind], rng)):
+                rows = rng.permutation(pool[part])
+                n_test = int(round(len(rows) * self.local_test_fraction))
+                test_rows, train_rows = np.sort(rows[:n_test]), np.sort(rows[n_test:])
+                clients.append(
+                    ClientSpec(
+                        cid=f"{kind}-{index}",
+                        kind=kind,
+                        train_ids=tuple(train.ids[i] for i in train_rows),
+                        test_ids=tuple(train.ids[i] for i in test_rows),
+                    )
+                )
+        return clients
+
+    @staticmethod
+    def _labels(train: MultimodalSplit, kind: str) -> np.ndarray:
+        labels = train.text_labels if kind == "text" else train.image_labels
+        if labels is None:  # unlabelled pairs (e.g. Flickr30k): partition without label skew
+            return np.zeros(len(train), dtype=np.int64)
+        return labels.numpy()
+
+    @staticmethod
+    def _check_columns(train: MultimodalSplit, kinds: list[str]) -> None:
+        need = {"image": ("images",), "text": ("captions",), "paired": ("images", "captions")}
+        for kind in kinds:
+            for column in need[kind]:
+                if getattr(train, column) is None:
+                    raise ValueError(f"layout.{kind} > 0 needs split '{train.name}' to have {column}, it has none")
+
+
+def save_layout(clients: list[ClientSpec], path: str | Path, meta: dict[str, Any]) -> None:
+    save_json({"meta": meta, "clients": [dataclasses.asdict(c) for c in clients]}, path)
+
+
+def load_layout(path: str | Path) -> tuple[list[ClientSpec], dict[str, Any]]:
+    data = load_json(path)
+    clients = [
+        ClientSpec(cid=c["cid"], kind=c["kind"], train_ids=tuple(c["train_ids"]), test_ids=tuple(c["test_ids"]))
+        for c in data["clients"]
+    ]
+    return clients, data["meta"]

@@ -1,0 +1,230 @@
+"""A federated training run, from a composed config to a run folder.
+
+runs/<name>/
+  config.yaml        the resolved config (what `resume=true` checks against)
+  partition.json     the federation layout: client ids, kinds, sample ids
+  metrics.jsonl      one JSON object per round
+  summary.json       final test metrics (model chosen on validation) and totals
+  checkpoints/       last.pt every round (atomic), best.pt (global weights at the best validation round)
+  client_state/      personal client state, per client per round
+  plots/             PNG curves (regenerate with `mmfed report RUN_DIR`)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+import mmfed.algorithms  # noqa: F401  (registers loss terms and server steps)
+from mmfed.algorithms.base import ServerStep
+from mmfed.config import ConfigError, instantiate, to_container
+from mmfed.data.layout import ClientSpec, FederationLayout, load_layout, save_layout
+from mmfed.data.partition import Partitioner
+from mmfed.data.samples import MultimodalSplit
+from mmfed.evaluation import Evaluator
+from mmfed.federation.client import ClientApp, ClientData, LocalTraining, ModelPool
+from mmfed.federation.embedded import ClientStateStore, EmbeddedEngine
+from mmfed.federation.server import Server
+from mmfed.models.multimodal import KIND_PARTS, MultimodalModel, build_model
+from mmfed.utils.io import load_torch, save_json, save_torch
+from mmfed.utils.seeding import numpy_rng, seed_torch
+
+log = logging.getLogger("mmfed")
+ENGINES = ("embedded",)
+
+
+class RunError(RuntimeError):
+    """The run folder is in a state the requested run cannot use (message says what to do)."""
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': {name!r} requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _rows(split: MultimodalSplit, ids: tuple[str, ...], cid: str) -> list[int]:
+    index = {sample_id: row for row, sample_id in enumerate(split.ids)}
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise RunError(f"client {cid}: sample id {missing[0]!r} from the partition is not in split '{split.name}'")
+    return [index[i] for i in ids]
+
+
+class Run:
+    """Everything one training run needs, built from the config; `train()` runs the rounds."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.seed = int(cfg.seed)
+        self.dir = Path(cfg.run_dir)
+        self.quiet = bool(cfg.quiet)
+        if cfg.engine not in ENGINES:
+            raise ConfigError(f"config key 'engine': {cfg.engine!r} is not one of {', '.join(ENGINES)}")
+        self.device = _device(str(cfg.device))
+        self._prepare_folder()
+
+        world = instantiate(cfg.data, "data")
+        self.train_split: MultimodalSplit = world.split("train")
+        self.val_split: MultimodalSplit = world.split("val")
+        self.test_split: MultimodalSplit = world.split("test")
+        self.num_image_classes = len(self.train_split.image_classes) or None
+        self.num_text_classes = len(self.train_split.text_classes) or None
+
+        self.clients = self._layout()
+        seed_torch(self.seed, "global-init")
+        self.global_model = self._build("global").to(self.device)
+        steps: dict[str, ServerStep] = {
+            name: instantiate(step_cfg, f"algorithm.server_steps.{name}")
+            for name, step_cfg in cfg.algorithm.server_steps.items()
+        }
+        self.server = Server(self.global_model, steps, self.clients, self.seed, cfg.clients_per_round)
+        self.evaluator: Evaluator = instantiate(cfg.evaluation, "evaluation")
+        training: LocalTraining = instantiate(cfg.training, "training")
+        pool = ModelPool(self._template, self.device)
+        self.store = ClientStateStore(self.dir / "client_state")
+
+        def factory(spec: ClientSpec) -> Any:
+            def make() -> ClientApp:
+                split = self.train_split.subset(_rows(self.train_split, spec.train_ids, spec.cid), name=spec.cid)
+                return ClientApp(spec, ClientData(split, spec.kind), pool, cfg.algorithm.loss_terms, training, self.seed)
+            return make
+
+        self.engine = EmbeddedEngine({c.cid: factory(c) for c in self.clients}, self.store, quiet=self.quiet)
+
+    # ------------------------------------------------------------------ setup
+    def _prepare_folder(self) -> None:
+        config_file = self.dir / "config.yaml"
+        current = OmegaConf.to_yaml(self.cfg, resolve=True)
+        if self.cfg.resume:
+            if not config_file.exists():
+                raise RunError(f"resume=true but {config_file} does not exist; give the name of an existing run")
+            saved = OmegaConf.load(config_file)
+            ignore = {"resume", "quiet", "rounds"}
+            changed = [k for k in set(saved) | set(self.cfg) if k not in ignore and
+                       OmegaConf.to_container(saved).get(k) != to_container(self.cfg).get(k)]
+            if changed:
+                raise RunError(f"resume=true but config key '{sorted(changed)[0]}' differs from {config_file}; "
+                               "resume with the same config (only rounds, quiet may change)")
+        elif (self.dir / "checkpoints").exists():
+            raise RunError(f"run folder {self.dir} already holds a run; pass resume=true to continue it or "
+                           "choose another name=...")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(current)
+
+    def _layout(self) -> list[ClientSpec]:
+        layout: FederationLayout = instantiate(self.cfg.layout, "layout")
+        partitioner: Partitioner = instantiate(self.cfg.partition, "partition")
+        clients = layout.build(self.train_split, partitioner, numpy_rng(self.seed, "layout"))
+        meta = {"seed": self.seed, "partition": to_container(self.cfg.partition),
+                "layout": to_container(self.cfg.layout), "data": to_container(self.cfg.data)}
+        path = self.dir / "partition.json"
+        if path.exists():
+            saved, saved_meta = load_layout(path)
+            if saved != clients or saved_meta != meta:
+                raise RunError(f"{path} does not match the partition this config makes (a stale partition is "
+                               "never reused); start a new run name")
+        else:
+            save_layout(clients, path, meta)
+        return clients
+
+    def _build(self, kind: str) -> MultimodalModel:
+        return build_model(self.cfg.model, KIND_PARTS[kind], self.num_image_classes, self.num_text_classes)
+
+    def _template(self, kind: str) -> MultimodalModel:
+        seed_torch(self.seed, "client-template", kind)
+        return self._build(kind)
+
+    # ------------------------------------------------------------------ rounds
+    def train(self) -> dict[str, Any]:
+        rounds = int(self.cfg.rounds)
+        start, best, history_seconds, totals = 1, {"round": 0, "score": float("-inf")}, 0.0, {"up": 0, "down": 0}
+        last = self.dir / "checkpoints" / "last.pt"
+        metrics_file = self.dir / "metrics.jsonl"
+        if self.cfg.resume and last.exists():
+            checkpoint = load_torch(last)
+            self.global_model.load_state_dict(checkpoint["global"])
+            self.server.load_state_dict(checkpoint["server"])
+            start, best, history_seconds, totals = (checkpoint["round"] + 1, checkpoint["best"],
+                                                    checkpoint["wall_seconds"], checkpoint["bytes"])
+            self.store.rollback(checkpoint["round"])
+            kept = [line for line in metrics_file.read_text().splitlines() if line.strip()
+                    and json.loads(line)["round"] <= checkpoint["round"]] if metrics_file.exists() else []
+            metrics_file.write_text("".join(line + "\n" for line in kept))
+            log.info("resuming %s after round %d", self.dir, checkpoint["round"])
+        elif not self.cfg.resume:
+            metrics_file.write_text("")
+        else:
+            self.store.rollback(0)
+            metrics_file.write_text("")
+
+        bar = tqdm(range(start, rounds + 1), desc="rounds", unit="round", disable=self.quiet,
+                   initial=start - 1, total=rounds)
+        for round_ in bar:
+            began = time.perf_counter()
+            server_metrics, traffic, replies = self.server.run_round(round_, self.engine)
+            val = self.evaluator.evaluate(self.global_model, self.val_split)
+            seconds = time.perf_counter() - began
+            history_seconds += seconds
+            totals["up"] += traffic.bytes_up
+            totals["down"] += traffic.bytes_down
+            record: dict[str, Any] = {"round": round_, "wall_seconds": round(seconds, 3),
+                                      "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}
+            record.update(_train_means(replies))
+            record.update(server_metrics)
+            record.update({f"val/{k}": v for k, v in val.items()})
+            record["clients_bytes"] = traffic.per_client
+            score = val.get(self.evaluator.selection_metric)
+            if score is None:
+                raise ConfigError(f"config key 'evaluation.selection_metric': {self.evaluator.selection_metric!r} is "
+                                  f"not among the validation metrics ({', '.join(sorted(val))})")
+            if score > best["score"]:
+                best = {"round": round_, "score": score}
+                save_torch(self.global_model.state_dict(), self.dir / "checkpoints" / "best.pt")
+            with metrics_file.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            save_torch({"round": round_, "global": self.global_model.state_dict(), "server": self.server.state_dict(),
+                        "best": best, "wall_seconds": history_seconds, "bytes": totals}, last)
+            self.store.rollback(round_)
+            bar.set_postfix_str(f"val {self.evaluator.selection_metric}={score:.2f}")
+            log.info("round %d/%d  %s=%.2f  (%.1fs)", round_, rounds, self.evaluator.selection_metric, score, seconds)
+        return self.finish(rounds, best, history_seconds, totals)
+
+    def finish(self, rounds: int, best: dict[str, Any], seconds: float, totals: dict[str, int]) -> dict[str, Any]:
+        """Test metrics of the model chosen on validation: the only time the test split is used."""
+        best_file = self.dir / "checkpoints" / "best.pt"
+        if best_file.exists():
+            self.global_model.load_state_dict(load_torch(best_file))
+        test = self.evaluator.evaluate(self.global_model, self.test_split)
+        summary: dict[str, Any] = dict(test)
+        summary.update({"rounds": rounds, "best_round": best["round"], "selection_metric":
+                        self.evaluator.selection_metric, f"val/{self.evaluator.selection_metric}": best["score"],
+                        "wall_seconds": round(seconds, 3), "bytes_up": totals["up"], "bytes_down": totals["down"]})
+        save_json(summary, self.dir / "summary.json")
+        from mmfed.report import plot_run
+
+        plot_run(self.dir)
+        return summary
+
+
+def _train_means(replies: list[Any]) -> dict[str, float]:
+    """Mean of each client training metric over the clients that reported it, also per kind."""
+    sums: dict[str, list[float]] = {}
+    for reply in replies:
+        for key, value in reply.metrics.items():
+            sums.setdefault(key, []).append(value)
+            sums.setdefault(f"{key.replace('train/', f'train/{reply.kind}/', 1)}", []).append(value)
+    return {key: sum(values) / len(values) for key, values in sums.items()}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    return Run(cfg).train()

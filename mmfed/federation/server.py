@@ -1,0 +1,86 @@
+"""The server side: the round loop, written once.
+
+A round is a sequence of stages. For each stage the server (1) samples clients, (2) builds each
+client's payload by merging the fragments of every server step of that stage, (3) hands the
+payloads to the engine, which runs the clients and returns their replies, and (4) lets each step
+consume the replies, in config order (aggregate, then distill, then correct ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mmfed.algorithms.base import ServerRound, ServerStep
+from mmfed.data.layout import ClientSpec
+from mmfed.models.multimodal import MultimodalModel
+from mmfed.protocol import Payload, Reply
+from mmfed.utils.seeding import numpy_rng
+
+
+class Engine(Protocol):
+    def run_stage(self, stage: str, round_: int, payloads: dict[str, Payload]) -> dict[str, Reply]:
+        """Run every client named in `payloads` and return their replies by client id."""
+        ...
+
+
+@dataclass
+class RoundTraffic:
+    bytes_down: int = 0
+    bytes_up: int = 0
+    per_client: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+class Server:
+    def __init__(self, global_model: MultimodalModel, steps: dict[str, ServerStep], clients: list[ClientSpec],
+                 seed: int, clients_per_round: int | None = None) -> None:
+        if not steps:
+            raise ValueError("algorithm.server_steps is empty: a server needs at least one step (e.g. fedavg)")
+        if clients_per_round is not None and not 1 <= clients_per_round <= len(clients):
+            raise ValueError(f"clients_per_round={clients_per_round} must be between 1 and {len(clients)} clients")
+        self.global_model, self.steps, self.clients = global_model, steps, clients
+        self.seed, self.clients_per_round = seed, clients_per_round
+        self.stages = list(dict.fromkeys(step.stage for step in steps.values()))
+
+    def sample(self, round_: int) -> list[ClientSpec]:
+        """Uniform sampling without replacement, from a stream derived from (seed, round)."""
+        if self.clients_per_round is None or self.clients_per_round == len(self.clients):
+            return list(self.clients)
+        chosen = numpy_rng(self.seed, "sample-clients", round_).choice(len(self.clients), self.clients_per_round,
+                                                                       replace=False)
+        return [self.clients[i] for i in sorted(chosen)]
+
+    def run_round(self, round_: int, engine: Engine) -> tuple[dict[str, float], RoundTraffic, list[Reply]]:
+        context = ServerRound(round=round_, seed=self.seed, global_model=self.global_model, clients=self.clients)
+        sampled = self.sample(round_)
+        metrics: dict[str, float] = {"clients": float(len(sampled))}
+        traffic = RoundTraffic()
+        all_replies: list[Reply] = []
+        for stage in self.stages:
+            steps = {name: step for name, step in self.steps.items() if step.stage == stage}
+            payloads: dict[str, Payload] = {}
+            for client in sampled:
+                payload = Payload(stage=stage, round=round_)
+                for step in steps.values():
+                    payload.merge(step.broadcast(context, client))
+                payloads[client.cid] = payload
+            replies = engine.run_stage(stage, round_, payloads)
+            ordered = [replies[c.cid] for c in sampled if c.cid in replies]
+            for cid, payload in payloads.items():
+                entry = traffic.per_client.setdefault(cid, {"down": 0, "up": 0})
+                entry["down"] += payload.nbytes
+                entry["up"] += replies[cid].nbytes if cid in replies else 0
+            for name, step in steps.items():
+                for key, value in step.aggregate(context, ordered).items():
+                    metrics[f"server/{name}/{key}" if not key.startswith(name) else f"server/{key}"] = value
+            all_replies.extend(ordered)
+        traffic.bytes_down = sum(e["down"] for e in traffic.per_client.values())
+        traffic.bytes_up = sum(e["up"] for e in traffic.per_client.values())
+        return metrics, traffic, all_replies
+
+    def state_dict(self) -> dict[str, object]:
+        return {name: step.state_dict() for name, step in self.steps.items()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        for name, step in self.steps.items():
+            step.load_state_dict(state.get(name, {}))  # type: ignore[arg-type]

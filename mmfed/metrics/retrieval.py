@@ -1,0 +1,385 @@
+"""Image<->text retrieval recall under the Flickr30k / COCO protocol.
+
+Why a module of our own rather than torchmetrics' retrieval metrics: those take a flat
+(query, item, score) list, i.e. the full N_img x N_txt score matrix, and break ties in the
+query's favour. For a 25k-caption COCO-5K evaluation the matrix is large, and for a model that
+has collapsed (all embeddings equal) favourable tie-breaking reports a perfect score. Here the
+scores are computed a chunk of queries at a time and ties count against the query.
+
+Ranking rule (both directions, both backends): the rank of a query is the number of NEGATIVE
+gallery items whose score is >= the score of the query's best positive; the query is a hit at K
+iff rank < K. Image->text: the positives of an image are all of its captions. Text->image: the
+positive of a caption is its one image.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+__all__ = [
+    "DEFAULT_KS",
+    "RetrievalRecall",
+    "retrieval_protocol",
+    "retrieval_recall",
+]
+
+Backend = Literal["auto", "torch", "faiss"]
+_BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
+DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _faiss_available() -> bool:
+    """Import rather than find_spec: an installed faiss can still fail to load its library."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str) -> str:
+    """Map "auto" to a concrete backend; faiss is preferred because its top-k search is cheaper."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; expected one of {_BACKENDS}")
+    if backend == "auto":
+        return "faiss" if _faiss_available() else "torch"
+    if backend == "faiss" and not _faiss_available():
+        raise ValueError(
+            "backend='faiss' needs the faiss package, which is not importable; use 'torch' or 'auto'"
+        )
+    return backend
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """Sorted, de-duplicated cut-offs; each must be a positive int."""
+    values = tuple(ks)
+    if not values or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in values):
+        raise ValueError(f"ks={ks!r} is invalid; expected a non-empty sequence of ints >= 1")
+    return tuple(sorted(set(values)))
+
+
+def _check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid; expected an int >= 1")
+    return value
+
+
+def _check_inputs(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor) -> None:
+    """Reject inputs that would make recall undefined or silently wrong."""
+    if not isinstance(image_emb, Tensor) or image_emb.ndim != 2:
+        raise ValueError(f"image_emb must be a 2-D tensor [N_img, D]; got {_describe(image_emb)}")
+    if not isinstance(text_emb, Tensor) or text_emb.ndim != 2:
+        raise ValueError(f"text_emb must be a 2-D tensor [N_txt, D]; got {_describe(text_emb)}")
+    if not isinstance(text_to_image, Tensor) or text_to_image.ndim != 1:
+        raise ValueError(f"text_to_image must be a 1-D tensor [N_txt]; got {_describe(text_to_image)}")
+    if text_to_image.is_floating_point() or text_to_image.is_complex() or text_to_image.dtype == torch.bool:
+        raise ValueError(f"text_to_image.dtype={text_to_image.dtype} is invalid; expected an integer dtype")
+    n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
+    if n_img == 0:
+        raise ValueError(f"image_emb.shape={tuple(image_emb.shape)} is empty; expected >= 1 image")
+    if n_txt == 0:
+        raise ValueError(f"text_emb.shape={tuple(text_emb.shape)} is empty; expected >= 1 caption")
+    if image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(
+            f"embedding dims differ: image_emb D={image_emb.shape[1]}, text_emb D={text_emb.shape[1]}; "
+            "expected equal D"
+        )
+    if text_to_image.shape[0] != n_txt:
+        raise ValueError(
+            f"text_to_image has {text_to_image.shape[0]} entries; expected one per caption ({n_txt})"
+        )
+    lo, hi = int(text_to_image.min()), int(text_to_image.max())
+    if lo < 0 or hi >= n_img:
+        raise ValueError(f"text_to_image values span [{lo}, {hi}]; expected image indices in [0, {n_img})")
+    counts = torch.bincount(text_to_image.long(), minlength=n_img)  # [N_img]
+    if bool((counts == 0).any()):
+        missing = torch.nonzero(counts == 0).flatten()
+        raise ValueError(
+            f"text_to_image leaves {missing.numel()} image(s) without a caption (first: image "
+            f"{int(missing[0])}); expected >= 1 caption per image"
+        )
+    for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
+        if not bool(torch.isfinite(emb).all()):
+            raise ValueError(f"{name} contains NaN or inf; expected finite values")
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"shape={tuple(x.shape)}, dtype={x.dtype}"
+    return f"type={type(x).__name__}"
+
+
+# --------------------------------------------------------------------------------------------
+# Ranks
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_ranks(
+    queries: Tensor, gallery: Tensor, query_group: Tensor, gallery_group: Tensor, max_k: int, chunk_size: int
+) -> Tensor:
+    """Exact pessimistic ranks, clamped to max_k; a query's positives share its group id.
+
+    Only chunk_size x N_gallery scores exist at once, so COCO-5K fits in little memory.
+    """
+    ranks = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)  # [N_q]
+    for start in range(0, queries.shape[0], chunk_size):
+        stop = min(start + chunk_size, queries.shape[0])
+        scores = queries[start:stop] @ gallery.T  # [c, N_g]
+        positive = query_group[start:stop, None] == gallery_group[None, :]  # [c, N_g]
+        best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)  # [c, 1]
+        ranks[start:stop] = ((scores >= best) & ~positive).sum(dim=1)  # [c]
+    return ranks.clamp_(max=max_k)
+
+
+def _faiss_ranks(
+    queries: Tensor, gallery: Tensor, query_group: Tensor, gallery_group: Tensor, max_k: int, chunk_size: int
+) -> Tensor:
+    """Pessimistic ranks from a faiss top-k search; exact below max_k, clamped to max_k.
+
+    We search k = max_k + P items, P being the most positives any query has. Every score that is
+    compared comes from the same faiss search (one arithmetic path), so a positive and a negative
+    with identical vectors tie exactly, as in the torch backend; a separately computed positive
+    score could differ from faiss' own by a rounding step and break ties the other way. Cases:
+    - no positive returned: more than max_k items score >= all positives -> miss for every K;
+    - best returned positive scores the same as the last returned item: the >= max_k returned
+      negatives all score >= it -> miss for every K (not-returned items may tie, so the count
+      is not exact, but it is >= max_k either way);
+    - otherwise every item scoring >= the best positive was returned: count the returned negatives.
+    """
+    import faiss
+
+    gallery_np = np.ascontiguousarray(gallery.detach().cpu().numpy(), dtype=np.float32)  # [N_g, D]
+    queries_np = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)  # [N_q, D]
+    q_group = query_group.detach().cpu().numpy()  # [N_q]
+    g_group = gallery_group.detach().cpu().numpy()  # [N_g]
+    n_gallery = gallery_np.shape[0]
+    n_positive_max = int(np.bincount(g_group).max())
+    k = min(max_k + n_positive_max, n_gallery)
+    whole_gallery = k == n_gallery  # then the returned list is exact, no boundary case
+
+    index = faiss.IndexFlatIP(gallery_np.shape[1])
+    index.add(gallery_np)
+    ranks = np.empty(queries_np.shape[0], dtype=np.int64)  # [N_q]
+    for start in range(0, queries_np.shape[0], chunk_size):
+        stop = min(start + chunk_size, queries_np.shape[0])
+        scores, labels = index.search(queries_np[start:stop], k)  # [c, k], [c, k]
+        positive = g_group[labels] == q_group[start:stop, None]  # [c, k]
+        best = np.where(positive, scores, -np.inf).max(axis=1, keepdims=True)  # [c, 1]
+        rank = ((scores >= best) & ~positive).sum(axis=1)  # [c]
+        miss = ~positive.any(axis=1)
+        if not whole_gallery:
+            miss |= best[:, 0] <= scores.min(axis=1)
+        ranks[start:stop] = np.where(miss, max_k, rank)
+    return torch.from_numpy(ranks).clamp_(max=max_k)
+
+
+def _ranks(
+    image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, max_k: int, chunk_size: int, backend: str
+) -> tuple[Tensor, Tensor]:
+    """(i2t ranks [N_img], t2i ranks [N_txt]) on L2-normalised float32 embeddings."""
+    device = image_emb.device
+    images = F.normalize(image_emb.detach().float(), dim=1)  # [N_img, D]
+    texts = F.normalize(text_emb.detach().to(device).float(), dim=1)  # [N_txt, D]
+    t2i = text_to_image.detach().to(device).long()  # [N_txt]
+    image_ids = torch.arange(images.shape[0], device=device)  # [N_img]
+    rank_fn = _faiss_ranks if backend == "faiss" else _torch_ranks
+    i2t = rank_fn(images, texts, image_ids, t2i, max_k, chunk_size)
+    t2i_ranks = rank_fn(texts, images, t2i, image_ids, max_k, chunk_size)
+    return i2t, t2i_ranks
+
+
+def _recalls(i2t_ranks: Tensor, t2i_ranks: Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    """Percent of queries with rank < K, plus rsum and rsum@1."""
+    out: dict[str, float] = {}
+    for name, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
+        for k in ks:
+            out[f"{name}/R@{k}"] = 100.0 * int((ranks < k).sum()) / ranks.numel()
+    out["rsum"] = sum(out.values())
+    out["rsum@1"] = sum(100.0 * int((r < 1).sum()) / r.numel() for r in (i2t_ranks, t2i_ranks))
+    return out
+
+
+def _fold_splits(text_to_image: Tensor, n_images: int, fold_size: int) -> list[tuple[slice, Tensor, Tensor]]:
+    """COCO "1K" folds: floor(n_images / fold_size) contiguous image blocks, remainder dropped.
+
+    Returns per fold (image slice, caption indices into the full set [n_f], text_to_image
+    re-indexed inside the fold [n_f]); a caption only ever sees the images of its own fold.
+    """
+    t2i = text_to_image.long()  # [N_txt]
+    folds = []
+    for f in range(n_images // fold_size):
+        lo, hi = f * fold_size, (f + 1) * fold_size
+        captions = torch.nonzero((t2i >= lo) & (t2i < hi)).flatten()  # [n_f]
+        folds.append((slice(lo, hi), captions, t2i[captions] - lo))
+    return folds
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def retrieval_recall(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    ks: Sequence[int] = DEFAULT_KS,
+    chunk_size: int = 1024,
+    backend: Backend = "auto",
+) -> dict[str, float]:
+    """Image->text and text->image Recall@K in percent, plus rsum (the sum of all of them).
+
+    Args:
+        image_emb: [N_img, D] image embeddings (any scale; L2-normalised here, float32).
+        text_emb: [N_txt, D] caption embeddings.
+        text_to_image: [N_txt] index of each caption's image; every image needs >= 1 caption.
+        ks: cut-offs K; keys are "i2t/R@K", "t2i/R@K" for each, and "rsum".
+        chunk_size: queries scored at once, bounding memory at chunk_size x N_gallery scores.
+        backend: "torch" (chunked matmul, exact counting), "faiss" (IndexFlatIP top-k search) or
+            "auto" (faiss when importable). Both give identical results.
+
+    Ties are broken against the query: a query's rank is the number of negatives scoring >= its
+    best positive, and it is a hit at K iff rank < K. Why: with optimistic (or index-order)
+    tie-breaking a collapsed model, whose embeddings are all equal, would score a perfect or
+    inflated recall; pessimistically it scores 0, which is what it deserves.
+    """
+    ks_t = _check_ks(ks)
+    _check_positive_int("chunk_size", chunk_size)
+    resolved = _resolve_backend(backend)
+    _check_inputs(image_emb, text_emb, text_to_image)
+    out = _recalls(*_ranks(image_emb, text_emb, text_to_image, max(ks_t), chunk_size, resolved), ks_t)
+    del out["rsum@1"]
+    return out
+
+
+def retrieval_protocol(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    ks: Sequence[int] = DEFAULT_KS,
+    fold_size: int = 1000,
+    chunk_size: int = 1024,
+    backend: Backend = "auto",
+) -> dict[str, float]:
+    """Full-set recall (COCO-5K / Flickr30k style) and, for N_img >= 2 * fold_size, COCO "1K".
+
+    Full-set keys are those of `retrieval_recall` plus "rsum@1" (i2t R@1 + t2i R@1). The 1K
+    protocol splits the images into floor(N_img / fold_size) contiguous folds (trailing images
+    that fill no whole fold are left out), moves each caption into its image's fold, computes
+    recall within each fold and averages over folds, under the same keys prefixed "1k/".
+    Ties are broken against the query, as in `retrieval_recall`.
+    """
+    ks_t = _check_ks(ks)
+    _check_positive_int("fold_size", fold_size)
+    _check_positive_int("chunk_size", chunk_size)
+    resolved = _resolve_backend(backend)
+    _check_inputs(image_emb, text_emb, text_to_image)
+    max_k = max(ks_t)
+
+    out = _recalls(*_ranks(image_emb, text_emb, text_to_image, max_k, chunk_size, resolved), ks_t)
+    n_img = image_emb.shape[0]
+    if n_img >= 2 * fold_size:
+        folds = _fold_splits(text_to_image.cpu(), n_img, fold_size)
+        per_fold = [
+            _recalls(*_ranks(image_emb[imgs], text_emb[caps], t2i, max_k, chunk_size, resolved), ks_t)
+            for imgs, caps, t2i in folds
+        ]
+        for key in per_fold[0]:
+            out[f"1k/{key}"] = sum(fold[key] for fold in per_fold) / len(per_fold)
+    return out
+
+
+class RetrievalRecall(Metric):
+    """Stateful, mergeable `retrieval_protocol`, for federated evaluation.
+
+    `update` only stores embeddings; `compute` ranks everything at once, because recall over a
+    gallery cannot be accumulated from per-batch recalls. The states are "cat" lists, so metrics
+    of different clients merge with `merge_state` (or sync across processes) by concatenation.
+
+    text_to_image in each `update` indexes that update's own images (0 .. n_img-1). The indices
+    are stored as given, with each update's (n_img, n_txt) in the `update_sizes` state, and are
+    offset in `compute`: an offset applied in `update` would count only this metric's own
+    images and go wrong once another client's state is concatenated in front of it. Captions must
+    therefore arrive in the same update as their images. `merge_state` puts the incoming state
+    first; the image order matters only to the 1K folds.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    image_emb: list[Tensor]
+    text_emb: list[Tensor]
+    text_to_image: list[Tensor]
+    update_sizes: list[Tensor]
+
+    def __init__(
+        self,
+        ks: Sequence[int] = DEFAULT_KS,
+        fold_size: int = 1000,
+        chunk_size: int = 1024,
+        backend: Backend = "auto",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.ks = _check_ks(ks)
+        self.fold_size = _check_positive_int("fold_size", fold_size)
+        self.chunk_size = _check_positive_int("chunk_size", chunk_size)
+        _resolve_backend(backend)
+        self.backend: Backend = backend
+        self.add_state("image_emb", default=[], dist_reduce_fx="cat")  # [n_img, D] per update
+        self.add_state("text_emb", default=[], dist_reduce_fx="cat")  # [n_txt, D] per update
+        self.add_state("text_to_image", default=[], dist_reduce_fx="cat")  # [n_txt], update-local
+        self.add_state("update_sizes", default=[], dist_reduce_fx="cat")  # [1, 2] = (n_img, n_txt)
+
+    def update(self, image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor) -> None:
+        """Store one batch; text_to_image indexes this batch's images."""
+        _check_inputs(image_emb, text_emb, text_to_image)
+        self.image_emb.append(image_emb.detach())
+        self.text_emb.append(text_emb.detach())
+        self.text_to_image.append(text_to_image.detach().long())
+        sizes = [[image_emb.shape[0], text_emb.shape[0]]]
+        self.update_sizes.append(torch.tensor(sizes, dtype=torch.long, device=image_emb.device))
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """torchmetrics' merge_state keeps a value cached by an earlier compute(); drop it."""
+        super().merge_state(incoming_state)
+        self._computed = None
+
+    def compute(self) -> dict[str, float]:
+        """`retrieval_protocol` over everything stored (and merged in)."""
+        images = dim_zero_cat(self.image_emb)  # [N_img, D]
+        texts = dim_zero_cat(self.text_emb).to(images.device)  # [N_txt, D]
+        local_t2i = dim_zero_cat(self.text_to_image).to(images.device)  # [N_txt]
+        sizes = dim_zero_cat(self.update_sizes).to(images.device).reshape(-1, 2)  # [U, 2]
+        if int(sizes[:, 0].sum()) != images.shape[0] or int(sizes[:, 1].sum()) != texts.shape[0]:
+            raise ValueError(
+                f"update_sizes totals {sizes.sum(0).tolist()} do not match the stored "
+                f"{images.shape[0]} images / {texts.shape[0]} captions; states were merged inconsistently"
+            )
+        image_offsets = torch.cumsum(sizes[:, 0], 0) - sizes[:, 0]  # [U]
+        t2i = local_t2i + torch.repeat_interleave(image_offsets, sizes[:, 1])  # [N_txt]
+        return retrieval_protocol(
+            images,
+            texts,
+            t2i,
+            ks=self.ks,
+            fold_size=self.fold_size,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )

@@ -1,0 +1,1 @@
+"""Small shared helpers: seeding, atomic file writes, logging."""
