@@ -100,7 +100,9 @@ def _show(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmfed", description="Multimodal federated learning.")
-    parser.add_argument("--config-dir", default=None, help="folder holding config.yaml (default: the repo's configs/)")
+    parser.add_argument(
+        "--config-dir", default=None, help="folder holding config.yaml (default: the repo's configs/)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="run a federation: mmfed train [key=value ...]")
     train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rounds=5 partition.alpha=0.1")

@@ -58,7 +58,11 @@ def node_for(target: Callable[..., Any], target_path: str | None = None) -> type
     signature = inspect.signature(target)
     hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     fields: list[tuple[str, Any, Any]] = [
-        ("_target_", str, dataclasses.field(default=target_path or f"{target.__module__}.{target.__qualname__}"))
+        (
+            "_target_",
+            str,
+            dataclasses.field(default=target_path or f"{target.__module__}.{target.__qualname__}"),
+        )
     ]
     for name, parameter in signature.parameters.items():
         if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):

@@ -18,43 +18,71 @@ BACKENDS = ("auto", "torch", "faiss")
 
 @register("evaluation", "default")
 class Evaluator:
-    def __init__(self, batch_size: int = 256, ks: tuple[int, ...] = (1, 5, 10), fold_size: int = 1000,
-                 chunk_size: int = 1024, backend: str = "auto", selection_metric: str = "retrieval/rsum") -> None:
+    def __init__(
+        self,
+        batch_size: int = 256,
+        ks: tuple[int, ...] = (1, 5, 10),
+        fold_size: int = 1000,
+        chunk_size: int = 1024,
+        backend: str = "auto",
+        selection_metric: str = "retrieval/rsum",
+    ) -> None:
         check_choice("backend", backend, BACKENDS)
         self.batch_size, self.ks, self.fold_size = batch_size, tuple(ks), fold_size
         self.chunk_size, self.backend, self.selection_metric = chunk_size, backend, selection_metric
 
     @torch.no_grad()
     def embed_images(self, model: MultimodalModel, split: MultimodalSplit) -> torch.Tensor:
-        return torch.cat([model.encode_images(split.images[i:i + self.batch_size]).float().cpu()
-                          for i in range(0, len(split), self.batch_size)])  # [N, D]
+        return torch.cat(
+            [
+                model.encode_images(split.images[i : i + self.batch_size]).float().cpu()
+                for i in range(0, len(split), self.batch_size)
+            ]
+        )  # [N, D]
 
     @torch.no_grad()
     def embed_texts(self, model: MultimodalModel, texts: list[str]) -> torch.Tensor:
-        return torch.cat([model.encode_texts(texts[i:i + self.batch_size]).float().cpu()
-                          for i in range(0, len(texts), self.batch_size)])  # [N_captions, D]
+        return torch.cat(
+            [
+                model.encode_texts(texts[i : i + self.batch_size]).float().cpu()
+                for i in range(0, len(texts), self.batch_size)
+            ]
+        )  # [N_captions, D]
 
     @torch.no_grad()
     def evaluate(self, model: MultimodalModel, split: MultimodalSplit) -> dict[str, float]:
         was_training = model.training
         model.eval()
         results: dict[str, float] = {}
-        image_emb = self.embed_images(model, split) if model.has("image_encoder") and split.images is not None else None
+        image_emb = (
+            self.embed_images(model, split)
+            if model.has("image_encoder") and split.images is not None
+            else None
+        )
         text_emb = texts = None
         if model.has("text_encoder") and split.captions is not None:
             texts, text_rows, text_labels = split.flat_captions()
             text_emb = self.embed_texts(model, texts)
         if image_emb is not None and text_emb is not None:
-            scores = retrieval_protocol(image_emb, text_emb, text_rows, ks=self.ks, fold_size=self.fold_size,
-                                        chunk_size=self.chunk_size, backend=self.backend)
+            scores = retrieval_protocol(
+                image_emb,
+                text_emb,
+                text_rows,
+                ks=self.ks,
+                fold_size=self.fold_size,
+                chunk_size=self.chunk_size,
+                backend=self.backend,
+            )
             results.update({f"retrieval/{k}": v for k, v in scores.items()})
         if image_emb is not None and model.has("image_head") and split.image_labels is not None:
             logits = model.image_head(image_emb.to(model.device)).cpu()
             results["classification/image/acc"] = classification_accuracy(
-                logits, split.image_labels, len(split.image_classes))
+                logits, split.image_labels, len(split.image_classes)
+            )
         if text_emb is not None and model.has("text_head") and split.text_labels is not None:
             logits = model.text_head(text_emb.to(model.device)).cpu()
             results["classification/text/acc"] = classification_accuracy(
-                logits, text_labels, len(split.text_classes))
+                logits, text_labels, len(split.text_classes)
+            )
         model.train(was_training)
         return results

@@ -26,7 +26,10 @@ class Message:
 
     def merge(self, other: Message) -> None:
         """Add another step's fragment; two steps sending the same name is a bug, not an override."""
-        for mine, theirs, what in ((self.tensors, other.tensors, "tensor"), (self.config, other.config, "config")):
+        for mine, theirs, what in (
+            (self.tensors, other.tensors, "tensor"),
+            (self.config, other.config, "config"),
+        ):
             clash = mine.keys() & theirs.keys()
             if clash:
                 raise ValueError(f"two server steps both send {what} {sorted(clash)[0]!r}")

@@ -11,7 +11,12 @@ matplotlib.use("Agg")  # files only: no display on servers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = {
-    "retrieval": ("val/retrieval/i2t/R@1", "val/retrieval/t2i/R@1", "val/retrieval/i2t/R@5", "val/retrieval/t2i/R@5"),
+    "retrieval": (
+        "val/retrieval/i2t/R@1",
+        "val/retrieval/t2i/R@1",
+        "val/retrieval/i2t/R@5",
+        "val/retrieval/t2i/R@5",
+    ),
     "rsum": ("val/retrieval/rsum",),
     "classification": ("val/classification/image/acc", "val/classification/text/acc"),
     "train_loss": ("train/image/loss", "train/text/loss", "train/paired/loss"),

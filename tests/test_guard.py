@@ -18,7 +18,9 @@ exec(compile(source, spec.origin, "exec"), guard.__dict__)
 
 
 def _run(code: str) -> str:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip().splitlines()[-1]
 
@@ -37,17 +39,23 @@ def test_the_stack_imports_and_the_guard_is_active_only_without_the_extension() 
 
 
 def test_missing_extension_defines_both_schemas() -> None:
-    out = _run(_LOAD_GUARD + "print(guard.install_torchvision_guard(load_extension=lambda: False), "
-               "guard._schema_exists('torchvision::nms'), guard._schema_exists('torchvision::qnms'))")
+    out = _run(
+        _LOAD_GUARD + "print(guard.install_torchvision_guard(load_extension=lambda: False), "
+        "guard._schema_exists('torchvision::nms'), guard._schema_exists('torchvision::qnms'))"
+    )
     assert out == "True True True"
 
 
 def test_loadable_extension_defines_nothing() -> None:
-    out = _run(_LOAD_GUARD + "print(guard.install_torchvision_guard(load_extension=lambda: True), "
-               "guard._schema_exists('torchvision::nms'))")
+    out = _run(
+        _LOAD_GUARD + "print(guard.install_torchvision_guard(load_extension=lambda: True), "
+        "guard._schema_exists('torchvision::nms'))"
+    )
     assert out == "False False"
 
 
 def test_guard_is_a_no_op_once_torchvision_is_imported() -> None:
-    out = _run("import mmfed, torchvision\nprint(mmfed.install_torchvision_guard(load_extension=lambda: False))")
+    out = _run(
+        "import mmfed, torchvision\nprint(mmfed.install_torchvision_guard(load_extension=lambda: False))"
+    )
     assert out == "False"

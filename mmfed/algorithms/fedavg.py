@@ -26,7 +26,9 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
     """sum_k w_k state_k / sum_k w_k, accumulated in float64; non-float tensors come from the first state."""
     total = float(sum(weights))
     if not states or total <= 0:
-        raise ValueError(f"weighted_average needs at least one state with positive weight, got weights={weights}")
+        raise ValueError(
+            f"weighted_average needs at least one state with positive weight, got weights={weights}"
+        )
     averaged: dict[str, torch.Tensor] = {}
     for key, first in states[0].items():
         if not first.is_floating_point():
@@ -45,7 +47,9 @@ class ModalityFedAvg(ServerStep):
 
     def __init__(self, transport_dtype: str = "float32") -> None:
         if transport_dtype not in TRANSPORT_DTYPES:
-            raise ValueError(f"transport_dtype={transport_dtype!r} is not one of {', '.join(TRANSPORT_DTYPES)}")
+            raise ValueError(
+                f"transport_dtype={transport_dtype!r} is not one of {', '.join(TRANSPORT_DTYPES)}"
+            )
         self.transport_dtype = transport_dtype
 
     def broadcast(self, round_: ServerRound, client: ClientSpec) -> Payload:
@@ -63,7 +67,7 @@ class ModalityFedAvg(ServerStep):
             per_part: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
             for name, tensor in reply.tensors.items():
                 if name.startswith(WEIGHT_PREFIX):
-                    part, _, param = name[len(WEIGHT_PREFIX):].partition("/")
+                    part, _, param = name[len(WEIGHT_PREFIX) :].partition("/")
                     per_part[part][param] = tensor
             for part, state in per_part.items():
                 by_part[part].append((state, reply.num_examples))

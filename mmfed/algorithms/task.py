@@ -46,4 +46,6 @@ class ContrastiveAlignment(LossTerm):
     kinds = ("paired",)
 
     def forward(self, batch: Batch, out: Outputs, model: MultimodalModel) -> dict[str, torch.Tensor]:
-        return {"contrastive": self.weight * clip_loss(out["image_emb"], out["text_emb"], model.logit_scale())}
+        return {
+            "contrastive": self.weight * clip_loss(out["image_emb"], out["text_emb"], model.logit_scale())
+        }

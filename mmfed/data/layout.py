@@ -43,7 +43,9 @@ class ClientSpec:
 class FederationLayout:
     """How many clients of each kind, and how much of each client's share is its local test split."""
 
-    def __init__(self, image: int = 3, text: int = 3, paired: int = 3, local_test_fraction: float = 0.1) -> None:
+    def __init__(
+        self, image: int = 3, text: int = 3, paired: int = 3, local_test_fraction: float = 0.1
+    ) -> None:
         for name, count in (("image", image), ("text", text), ("paired", paired)):
             check_positive(f"layout.{name}", count, strict=False)
         if image + text + paired == 0:
@@ -53,7 +55,9 @@ class FederationLayout:
         self.counts = {"image": image, "text": text, "paired": paired}
         self.local_test_fraction = local_test_fraction
 
-    def build(self, train: MultimodalSplit, partitioner: Partitioner, rng: np.random.Generator) -> list[ClientSpec]:
+    def build(
+        self, train: MultimodalSplit, partitioner: Partitioner, rng: np.random.Generator
+    ) -> list[ClientSpec]:
         kinds = [kind for kind in CLIENT_KINDS if self.counts[kind] > 0]
         self._check_columns(train, kinds)
         total = sum(self.counts.values())
@@ -90,7 +94,9 @@ class FederationLayout:
         for kind in kinds:
             for column in need[kind]:
                 if getattr(train, column) is None:
-                    raise ValueError(f"layout.{kind} > 0 needs split '{train.name}' to have {column}, it has none")
+                    raise ValueError(
+                        f"layout.{kind} > 0 needs split '{train.name}' to have {column}, it has none"
+                    )
 
 
 def save_layout(clients: list[ClientSpec], path: str | Path, meta: dict[str, Any]) -> None:
@@ -100,7 +106,9 @@ def save_layout(clients: list[ClientSpec], path: str | Path, meta: dict[str, Any
 def load_layout(path: str | Path) -> tuple[list[ClientSpec], dict[str, Any]]:
     data = load_json(path)
     clients = [
-        ClientSpec(cid=c["cid"], kind=c["kind"], train_ids=tuple(c["train_ids"]), test_ids=tuple(c["test_ids"]))
+        ClientSpec(
+            cid=c["cid"], kind=c["kind"], train_ids=tuple(c["train_ids"]), test_ids=tuple(c["test_ids"])
+        )
         for c in data["clients"]
     ]
     return clients, data["meta"]

@@ -36,8 +36,16 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 class LocalTraining:
     """How a client trains locally each round (a fresh optimizer every round, as in FedAvg)."""
 
-    def __init__(self, local_epochs: int = 1, batch_size: int = 64, optimizer: str = "adamw", lr: float = 1e-3,
-                 weight_decay: float = 0.0, grad_clip: float | None = 1.0, max_steps: int | None = None) -> None:
+    def __init__(
+        self,
+        local_epochs: int = 1,
+        batch_size: int = 64,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        grad_clip: float | None = 1.0,
+        max_steps: int | None = None,
+    ) -> None:
         check_positive("local_epochs", local_epochs)
         check_positive("batch_size", batch_size)
         check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
@@ -55,34 +63,36 @@ class LocalTraining:
 class ClientData:
     """A client's rows of the training split, served as batches for its modality kind.
 
-    image: (images, image_labels); text: every caption of every row with the row's text label;
-    paired: (images, one caption per image drawn anew each epoch, labels).
+    One epoch visits every row once: image clients see (image, image label); text clients one of the
+    row's captions, drawn anew each epoch, with the row's text label; paired clients (image, one of
+    its captions). Drawing one caption per row keeps an epoch's cost equal across kinds while every
+    caption is still seen over the rounds.
     """
 
     def __init__(self, split: MultimodalSplit, kind: str) -> None:
         self.split, self.kind = split, kind
-        if kind == "text":
-            self.texts, rows, _ = split.flat_captions()
-            self.text_rows = rows  # caption -> row, int64 [N_captions]
 
     def __len__(self) -> int:
-        return len(self.texts) if self.kind == "text" else len(self.split)
+        return len(self.split)
 
     def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[Batch]:
-        order = rng.permutation(len(self))
         split = self.split
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            if self.kind == "text":
-                rows = self.text_rows[torch.from_numpy(idx)]
-                yield {"captions": [self.texts[i] for i in idx], "text_labels": split.text_labels[rows]}
-                continue
-            rows_t = torch.from_numpy(idx)
-            batch: Batch = {"images": split.images[rows_t]}
-            if split.image_labels is not None:
-                batch["image_labels"] = split.image_labels[rows_t]
-            if self.kind == "paired":
+        order = rng.permutation(len(split))
+        starts = list(range(0, len(order), batch_size))
+        if len(starts) > 1 and len(order) - starts[-1] == 1:
+            starts.pop()  # a trailing batch of one joins the previous one (batch norm needs two samples)
+        for start, stop in zip(starts, [*starts[1:], len(order)], strict=True):
+            idx = order[start:stop]
+            rows = torch.from_numpy(idx)
+            batch: Batch = {}
+            if self.kind in ("image", "paired"):
+                batch["images"] = split.images[rows]  # uint8 [B, 3, H, W]
+                if split.image_labels is not None:
+                    batch["image_labels"] = split.image_labels[rows]
+            if self.kind in ("text", "paired"):
                 batch["captions"] = [split.captions[i][rng.integers(len(split.captions[i]))] for i in idx]
+                if split.text_labels is not None:
+                    batch["text_labels"] = split.text_labels[rows]
             yield batch
 
 
@@ -125,7 +135,9 @@ class ClientApp:
             raise ValueError(f"client stage {payload.stage!r} is not one of 'fit'")
         terms = self._terms(payload, model, state)
         metrics = self._fit(model, terms, payload.round)
-        reply = Reply(cid=self.spec.cid, kind=self.spec.kind, num_examples=self.spec.num_examples, metrics=metrics)
+        reply = Reply(
+            cid=self.spec.cid, kind=self.spec.kind, num_examples=self.spec.num_examples, metrics=metrics
+        )
         if "weights" in payload.reply:
             parts = [p for p in KIND_PARTS[self.spec.kind] if model.has(p)]
             weights = {WEIGHT_PREFIX + k: v for k, v in model.part_state(parts).items()}
@@ -138,10 +150,16 @@ class ClientApp:
         for name, cfg in self.loss_terms.items():
             term: LossTerm = instantiate(cfg, f"algorithm.loss_terms.{name}")
             if term.applies_to(self.spec.kind, model):
-                term.begin(ClientRound(self.spec.cid, self.spec.kind, payload.round, payload, model, state.get(name, {})))
+                term.begin(
+                    ClientRound(
+                        self.spec.cid, self.spec.kind, payload.round, payload, model, state.get(name, {})
+                    )
+                )
                 terms[name] = term
         if not terms:
-            raise ValueError(f"client {self.spec.cid} ({self.spec.kind}): no loss term in algorithm.loss_terms applies")
+            raise ValueError(
+                f"client {self.spec.cid} ({self.spec.kind}): no loss term in algorithm.loss_terms applies"
+            )
         return terms
 
     def _fit(self, model: MultimodalModel, terms: dict[str, LossTerm], round_: int) -> dict[str, float]:
@@ -182,4 +200,6 @@ class ClientApp:
                     break
             if training.max_steps and steps >= training.max_steps:
                 break
-        return {f"train/{name}": value / max(steps, 1) for name, value in sums.items()} | {"train/steps": float(steps)}
+        return {f"train/{name}": value / max(steps, 1) for name, value in sums.items()} | {
+            "train/steps": float(steps)
+        }

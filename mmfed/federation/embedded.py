@@ -59,12 +59,16 @@ class ClientStateStore:
 
 
 class EmbeddedEngine:
-    def __init__(self, clients: dict[str, Callable[[], ClientApp]], store: ClientStateStore, quiet: bool = False) -> None:
+    def __init__(
+        self, clients: dict[str, Callable[[], ClientApp]], store: ClientStateStore, quiet: bool = False
+    ) -> None:
         self.clients, self.store, self.quiet = clients, store, quiet
 
     def run_stage(self, stage: str, round_: int, payloads: dict[str, Payload]) -> dict[str, Reply]:
         replies: dict[str, Reply] = {}
-        bar = tqdm(payloads.items(), desc=f"round {round_} {stage}", unit="client", leave=False, disable=self.quiet)
+        bar = tqdm(
+            payloads.items(), desc=f"round {round_} {stage}", unit="client", leave=False, disable=self.quiet
+        )
         for cid, payload in bar:
             bar.set_postfix_str(cid)
             client = self.clients[cid]()

@@ -56,7 +56,9 @@ def _rows(split: MultimodalSplit, ids: tuple[str, ...], cid: str) -> list[int]:
     index = {sample_id: row for row, sample_id in enumerate(split.ids)}
     missing = [i for i in ids if i not in index]
     if missing:
-        raise RunError(f"client {cid}: sample id {missing[0]!r} from the partition is not in split '{split.name}'")
+        raise RunError(
+            f"client {cid}: sample id {missing[0]!r} from the partition is not in split '{split.name}'"
+        )
     return [index[i] for i in ids]
 
 
@@ -95,8 +97,13 @@ class Run:
 
         def factory(spec: ClientSpec) -> Any:
             def make() -> ClientApp:
-                split = self.train_split.subset(_rows(self.train_split, spec.train_ids, spec.cid), name=spec.cid)
-                return ClientApp(spec, ClientData(split, spec.kind), pool, cfg.algorithm.loss_terms, training, self.seed)
+                split = self.train_split.subset(
+                    _rows(self.train_split, spec.train_ids, spec.cid), name=spec.cid
+                )
+                return ClientApp(
+                    spec, ClientData(split, spec.kind), pool, cfg.algorithm.loss_terms, training, self.seed
+                )
+
             return make
 
         self.engine = EmbeddedEngine({c.cid: factory(c) for c in self.clients}, self.store, quiet=self.quiet)
@@ -107,17 +114,26 @@ class Run:
         current = OmegaConf.to_yaml(self.cfg, resolve=True)
         if self.cfg.resume:
             if not config_file.exists():
-                raise RunError(f"resume=true but {config_file} does not exist; give the name of an existing run")
+                raise RunError(
+                    f"resume=true but {config_file} does not exist; give the name of an existing run"
+                )
             saved = OmegaConf.load(config_file)
-            ignore = {"resume", "quiet", "rounds"}
-            changed = [k for k in set(saved) | set(self.cfg) if k not in ignore and
-                       OmegaConf.to_container(saved).get(k) != to_container(self.cfg).get(k)]
+            ignore = {"resume", "quiet", "rounds", "name"}  # the folder is the identity; name only names it
+            changed = [
+                k
+                for k in set(saved) | set(self.cfg)
+                if k not in ignore and OmegaConf.to_container(saved).get(k) != to_container(self.cfg).get(k)
+            ]
             if changed:
-                raise RunError(f"resume=true but config key '{sorted(changed)[0]}' differs from {config_file}; "
-                               "resume with the same config (only rounds, quiet may change)")
+                raise RunError(
+                    f"resume=true but config key '{sorted(changed)[0]}' differs from {config_file}; "
+                    "resume with the same config (only rounds, quiet may change)"
+                )
         elif (self.dir / "checkpoints").exists():
-            raise RunError(f"run folder {self.dir} already holds a run; pass resume=true to continue it or "
-                           "choose another name=...")
+            raise RunError(
+                f"run folder {self.dir} already holds a run; pass resume=true to continue it or "
+                "choose another name=..."
+            )
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(current)
 
@@ -125,14 +141,20 @@ class Run:
         layout: FederationLayout = instantiate(self.cfg.layout, "layout")
         partitioner: Partitioner = instantiate(self.cfg.partition, "partition")
         clients = layout.build(self.train_split, partitioner, numpy_rng(self.seed, "layout"))
-        meta = {"seed": self.seed, "partition": to_container(self.cfg.partition),
-                "layout": to_container(self.cfg.layout), "data": to_container(self.cfg.data)}
+        meta = {
+            "seed": self.seed,
+            "partition": to_container(self.cfg.partition),
+            "layout": to_container(self.cfg.layout),
+            "data": to_container(self.cfg.data),
+        }
         path = self.dir / "partition.json"
         if path.exists():
             saved, saved_meta = load_layout(path)
             if saved != clients or saved_meta != meta:
-                raise RunError(f"{path} does not match the partition this config makes (a stale partition is "
-                               "never reused); start a new run name")
+                raise RunError(
+                    f"{path} does not match the partition this config makes (a stale partition is "
+                    "never reused); start a new run name"
+                )
         else:
             save_layout(clients, path, meta)
         return clients
@@ -147,18 +169,34 @@ class Run:
     # ------------------------------------------------------------------ rounds
     def train(self) -> dict[str, Any]:
         rounds = int(self.cfg.rounds)
-        start, best, history_seconds, totals = 1, {"round": 0, "score": float("-inf")}, 0.0, {"up": 0, "down": 0}
+        start, best, history_seconds, totals = (
+            1,
+            {"round": 0, "score": float("-inf")},
+            0.0,
+            {"up": 0, "down": 0},
+        )
         last = self.dir / "checkpoints" / "last.pt"
         metrics_file = self.dir / "metrics.jsonl"
         if self.cfg.resume and last.exists():
             checkpoint = load_torch(last)
             self.global_model.load_state_dict(checkpoint["global"])
             self.server.load_state_dict(checkpoint["server"])
-            start, best, history_seconds, totals = (checkpoint["round"] + 1, checkpoint["best"],
-                                                    checkpoint["wall_seconds"], checkpoint["bytes"])
+            start, best, history_seconds, totals = (
+                checkpoint["round"] + 1,
+                checkpoint["best"],
+                checkpoint["wall_seconds"],
+                checkpoint["bytes"],
+            )
             self.store.rollback(checkpoint["round"])
-            kept = [line for line in metrics_file.read_text().splitlines() if line.strip()
-                    and json.loads(line)["round"] <= checkpoint["round"]] if metrics_file.exists() else []
+            kept = (
+                [
+                    line
+                    for line in metrics_file.read_text().splitlines()
+                    if line.strip() and json.loads(line)["round"] <= checkpoint["round"]
+                ]
+                if metrics_file.exists()
+                else []
+            )
             metrics_file.write_text("".join(line + "\n" for line in kept))
             log.info("resuming %s after round %d", self.dir, checkpoint["round"])
         elif not self.cfg.resume:
@@ -167,8 +205,14 @@ class Run:
             self.store.rollback(0)
             metrics_file.write_text("")
 
-        bar = tqdm(range(start, rounds + 1), desc="rounds", unit="round", disable=self.quiet,
-                   initial=start - 1, total=rounds)
+        bar = tqdm(
+            range(start, rounds + 1),
+            desc="rounds",
+            unit="round",
+            disable=self.quiet,
+            initial=start - 1,
+            total=rounds,
+        )
         for round_ in bar:
             began = time.perf_counter()
             server_metrics, traffic, replies = self.server.run_round(round_, self.engine)
@@ -177,38 +221,70 @@ class Run:
             history_seconds += seconds
             totals["up"] += traffic.bytes_up
             totals["down"] += traffic.bytes_down
-            record: dict[str, Any] = {"round": round_, "wall_seconds": round(seconds, 3),
-                                      "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}
+            record: dict[str, Any] = {
+                "round": round_,
+                "wall_seconds": round(seconds, 3),
+                "bytes_up": traffic.bytes_up,
+                "bytes_down": traffic.bytes_down,
+            }
             record.update(_train_means(replies))
             record.update(server_metrics)
             record.update({f"val/{k}": v for k, v in val.items()})
             record["clients_bytes"] = traffic.per_client
             score = val.get(self.evaluator.selection_metric)
             if score is None:
-                raise ConfigError(f"config key 'evaluation.selection_metric': {self.evaluator.selection_metric!r} is "
-                                  f"not among the validation metrics ({', '.join(sorted(val))})")
+                raise ConfigError(
+                    f"config key 'evaluation.selection_metric': {self.evaluator.selection_metric!r} is "
+                    f"not among the validation metrics ({', '.join(sorted(val))})"
+                )
             if score > best["score"]:
                 best = {"round": round_, "score": score}
                 save_torch(self.global_model.state_dict(), self.dir / "checkpoints" / "best.pt")
             with metrics_file.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            save_torch({"round": round_, "global": self.global_model.state_dict(), "server": self.server.state_dict(),
-                        "best": best, "wall_seconds": history_seconds, "bytes": totals}, last)
+            save_torch(
+                {
+                    "round": round_,
+                    "global": self.global_model.state_dict(),
+                    "server": self.server.state_dict(),
+                    "best": best,
+                    "wall_seconds": history_seconds,
+                    "bytes": totals,
+                },
+                last,
+            )
             self.store.rollback(round_)
             bar.set_postfix_str(f"val {self.evaluator.selection_metric}={score:.2f}")
-            log.info("round %d/%d  %s=%.2f  (%.1fs)", round_, rounds, self.evaluator.selection_metric, score, seconds)
+            log.info(
+                "round %d/%d  %s=%.2f  (%.1fs)",
+                round_,
+                rounds,
+                self.evaluator.selection_metric,
+                score,
+                seconds,
+            )
         return self.finish(rounds, best, history_seconds, totals)
 
-    def finish(self, rounds: int, best: dict[str, Any], seconds: float, totals: dict[str, int]) -> dict[str, Any]:
+    def finish(
+        self, rounds: int, best: dict[str, Any], seconds: float, totals: dict[str, int]
+    ) -> dict[str, Any]:
         """Test metrics of the model chosen on validation: the only time the test split is used."""
         best_file = self.dir / "checkpoints" / "best.pt"
         if best_file.exists():
             self.global_model.load_state_dict(load_torch(best_file))
         test = self.evaluator.evaluate(self.global_model, self.test_split)
         summary: dict[str, Any] = dict(test)
-        summary.update({"rounds": rounds, "best_round": best["round"], "selection_metric":
-                        self.evaluator.selection_metric, f"val/{self.evaluator.selection_metric}": best["score"],
-                        "wall_seconds": round(seconds, 3), "bytes_up": totals["up"], "bytes_down": totals["down"]})
+        summary.update(
+            {
+                "rounds": rounds,
+                "best_round": best["round"],
+                "selection_metric": self.evaluator.selection_metric,
+                f"val/{self.evaluator.selection_metric}": best["score"],
+                "wall_seconds": round(seconds, 3),
+                "bytes_up": totals["up"],
+                "bytes_down": totals["down"],
+            }
+        )
         save_json(summary, self.dir / "summary.json")
         from mmfed.report import plot_run
 

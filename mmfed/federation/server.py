@@ -32,12 +32,22 @@ class RoundTraffic:
 
 
 class Server:
-    def __init__(self, global_model: MultimodalModel, steps: dict[str, ServerStep], clients: list[ClientSpec],
-                 seed: int, clients_per_round: int | None = None) -> None:
+    def __init__(
+        self,
+        global_model: MultimodalModel,
+        steps: dict[str, ServerStep],
+        clients: list[ClientSpec],
+        seed: int,
+        clients_per_round: int | None = None,
+    ) -> None:
         if not steps:
-            raise ValueError("algorithm.server_steps is empty: a server needs at least one step (e.g. fedavg)")
+            raise ValueError(
+                "algorithm.server_steps is empty: a server needs at least one step (e.g. fedavg)"
+            )
         if clients_per_round is not None and not 1 <= clients_per_round <= len(clients):
-            raise ValueError(f"clients_per_round={clients_per_round} must be between 1 and {len(clients)} clients")
+            raise ValueError(
+                f"clients_per_round={clients_per_round} must be between 1 and {len(clients)} clients"
+            )
         self.global_model, self.steps, self.clients = global_model, steps, clients
         self.seed, self.clients_per_round = seed, clients_per_round
         self.stages = list(dict.fromkeys(step.stage for step in steps.values()))
@@ -46,12 +56,15 @@ class Server:
         """Uniform sampling without replacement, from a stream derived from (seed, round)."""
         if self.clients_per_round is None or self.clients_per_round == len(self.clients):
             return list(self.clients)
-        chosen = numpy_rng(self.seed, "sample-clients", round_).choice(len(self.clients), self.clients_per_round,
-                                                                       replace=False)
+        chosen = numpy_rng(self.seed, "sample-clients", round_).choice(
+            len(self.clients), self.clients_per_round, replace=False
+        )
         return [self.clients[i] for i in sorted(chosen)]
 
     def run_round(self, round_: int, engine: Engine) -> tuple[dict[str, float], RoundTraffic, list[Reply]]:
-        context = ServerRound(round=round_, seed=self.seed, global_model=self.global_model, clients=self.clients)
+        context = ServerRound(
+            round=round_, seed=self.seed, global_model=self.global_model, clients=self.clients
+        )
         sampled = self.sample(round_)
         metrics: dict[str, float] = {"clients": float(len(sampled))}
         traffic = RoundTraffic()

@@ -100,8 +100,10 @@ class MultimodalModel(nn.Module):
             part, _, param = key.partition("/")
             if part not in self.part_names:
                 if strict_parts:
-                    raise KeyError(f"tensor '{key}' is for part '{part}', which this model does not have "
-                                   f"(it has {', '.join(self.part_names)})")
+                    raise KeyError(
+                        f"tensor '{key}' is for part '{part}', which this model does not have "
+                        f"(it has {', '.join(self.part_names)})"
+                    )
                 continue
             grouped.setdefault(part, {})[param] = value
         for part, part_state in grouped.items():
@@ -109,8 +111,9 @@ class MultimodalModel(nn.Module):
         return list(grouped)
 
 
-def build_model(model_cfg: DictConfig, parts: Iterable[str], num_image_classes: int | None,
-                num_text_classes: int | None) -> MultimodalModel:
+def build_model(
+    model_cfg: DictConfig, parts: Iterable[str], num_image_classes: int | None, num_text_classes: int | None
+) -> MultimodalModel:
     """Build the requested parts from the ``model`` config (encoders by registry name, D, heads)."""
     embed_dim = int(model_cfg.embed_dim)
     built: dict[str, nn.Module] = {}

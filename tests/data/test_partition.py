@@ -33,12 +33,16 @@ def test_dirichlet_skew_grows_as_alpha_shrinks() -> None:
     def mean_dominant_share(alpha: float) -> float:
         shares = []
         for seed in range(5):
-            for part in DirichletPartitioner(alpha, min_partition_size=1)(LABELS, 5, np.random.default_rng(seed)):
+            for part in DirichletPartitioner(alpha, min_partition_size=1)(
+                LABELS, 5, np.random.default_rng(seed)
+            ):
                 counts = np.bincount(LABELS[part], minlength=10)
                 shares.append(counts.max() / counts.sum())
         return float(np.mean(shares))
 
-    assert mean_dominant_share(0.05) > 0.45 > mean_dominant_share(0.5) > 0.2 > mean_dominant_share(100.0)  # 100: near IID, ~1/10
+    assert (
+        mean_dominant_share(0.05) > 0.45 > mean_dominant_share(0.5) > 0.2 > mean_dominant_share(100.0)
+    )  # 100: near IID, ~1/10
 
 
 def test_dirichlet_respects_min_partition_size_or_says_why() -> None:
