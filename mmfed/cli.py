@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ConfigError, RunError, PretrainedLoadError, FileNotFoundError, ValueError) as error:
+        if os.environ.get("MMFED_DEBUG"):
+            raise  # the full traceback, for bugs rather than bad input
         print(f"mmfed: error: {_one_line(error)}", file=sys.stderr)
         return 2
 

@@ -23,7 +23,7 @@ class Evaluator:
         batch_size: int = 256,
         ks: tuple[int, ...] = (1, 5, 10),
         fold_size: int = 1000,
-        chunk_size: int = 1024,
+        chunk_size: int = 256,
         backend: str = "auto",
         selection_metric: str = "retrieval/rsum",
     ) -> None:

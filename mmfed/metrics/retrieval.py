@@ -129,20 +129,38 @@ def _describe(x: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _positive_index(query_group: Tensor, gallery_group: Tensor) -> Tensor:
+    """[N_q, P] gallery indices of each query's positives, padded with -1 (P = most positives of any group)."""
+    n_groups = int(torch.maximum(query_group.max(), gallery_group.max())) + 1
+    counts = torch.bincount(gallery_group, minlength=n_groups)  # [G]
+    order = torch.argsort(gallery_group, stable=True)  # gallery items grouped
+    sorted_groups = gallery_group[order]
+    slot = torch.arange(len(order), device=order.device) - (torch.cumsum(counts, 0) - counts)[sorted_groups]
+    members = torch.full((n_groups, max(int(counts.max()), 1)), -1, dtype=torch.long, device=order.device)
+    members[sorted_groups, slot] = order  # [G, P]
+    return members[query_group]
+
+
 def _torch_ranks(
     queries: Tensor, gallery: Tensor, query_group: Tensor, gallery_group: Tensor, max_k: int, chunk_size: int
 ) -> Tensor:
     """Exact pessimistic ranks, clamped to max_k; a query's positives share its group id.
 
-    Only chunk_size x N_gallery scores exist at once, so COCO-5K fits in little memory.
+    Only one chunk_size x N_gallery score matrix (plus one boolean of that size) exists at once; the
+    positives' scores are gathered from it by index (few per query), so COCO-5K fits in little memory
+    and every compared score comes from the same matmul (ties stay exact).
     """
+    positives = _positive_index(query_group, gallery_group)  # [N_q, P], -1 = padding
     ranks = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)  # [N_q]
     for start in range(0, queries.shape[0], chunk_size):
         stop = min(start + chunk_size, queries.shape[0])
         scores = queries[start:stop] @ gallery.T  # [c, N_g]
-        positive = query_group[start:stop, None] == gallery_group[None, :]  # [c, N_g]
-        best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)  # [c, 1]
-        ranks[start:stop] = ((scores >= best) & ~positive).sum(dim=1)  # [c]
+        index = positives[start:stop]  # [c, P]
+        valid = index >= 0
+        positive_scores = scores.gather(1, index.clamp(min=0)).masked_fill_(~valid, float("-inf"))  # [c, P]
+        best = positive_scores.amax(dim=1, keepdim=True)  # [c, 1]
+        at_least_best = (scores >= best).sum(dim=1)  # negatives and positives scoring >= best: [c]
+        ranks[start:stop] = at_least_best - ((positive_scores >= best) & valid).sum(dim=1)
     return ranks.clamp_(max=max_k)
 
 
@@ -239,7 +257,7 @@ def retrieval_recall(
     text_emb: Tensor,
     text_to_image: Tensor,
     ks: Sequence[int] = DEFAULT_KS,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     backend: Backend = "auto",
 ) -> dict[str, float]:
     """Image->text and text->image Recall@K in percent, plus rsum (the sum of all of them).
@@ -273,7 +291,7 @@ def retrieval_protocol(
     text_to_image: Tensor,
     ks: Sequence[int] = DEFAULT_KS,
     fold_size: int = 1000,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     backend: Backend = "auto",
 ) -> dict[str, float]:
     """Full-set recall (COCO-5K / Flickr30k style) and, for N_img >= 2 * fold_size, COCO "1K".
@@ -332,7 +350,7 @@ class RetrievalRecall(Metric):
         self,
         ks: Sequence[int] = DEFAULT_KS,
         fold_size: int = 1000,
-        chunk_size: int = 1024,
+        chunk_size: int = 256,
         backend: Backend = "auto",
         **kwargs: Any,
     ) -> None:

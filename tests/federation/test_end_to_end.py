@@ -67,6 +67,9 @@ def test_tiny_federation_writes_a_complete_run_folder(tmp_path: Path) -> None:
     ):
         assert key in summary, key
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in records)
+    (run / "plots" / "rsum.png").unlink()
+    assert main(["report", str(run)]) == 0  # `mmfed report` redraws the plots
+    assert (run / "plots" / "rsum.png").stat().st_size > 0
     partition = json.loads((run / "partition.json").read_text())
     assert [c["kind"] for c in partition["clients"]] == ["image", "image", "text", "paired"]
 
