@@ -130,7 +130,7 @@ def _describe(x: Any) -> str:
 
 
 def _positive_index(query_group: Tensor, gallery_group: Tensor) -> Tensor:
-    """[N_q, P] gallery indices of each query's positives, padded with -1 (P = most positives of any group)."""
+    """[N_q, P] gallery indices of each query's positives, -1 padded (P: most positives of a group)."""
     n_groups = int(torch.maximum(query_group.max(), gallery_group.max())) + 1
     counts = torch.bincount(gallery_group, minlength=n_groups)  # [G]
     order = torch.argsort(gallery_group, stable=True)  # gallery items grouped
