@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mmfed.data.layout import CLIENT_KINDS, ClientSpec
+from mmfed.data.samples import MultimodalSplit
 from mmfed.models.multimodal import MultimodalModel
 from mmfed.protocol import Payload, Reply
 
@@ -67,6 +68,7 @@ class ServerRound:
     seed: int
     global_model: MultimodalModel
     clients: list[ClientSpec]
+    public: MultimodalSplit | None = None  # the server's public paired data, for distillation steps
 
 
 class ServerStep:

@@ -31,7 +31,7 @@ from mmfed.data.samples import MultimodalSplit
 from mmfed.evaluation import Evaluator
 from mmfed.federation.client import ClientApp, ClientData, LocalTraining, ModelPool
 from mmfed.federation.embedded import ClientStateStore, EmbeddedEngine
-from mmfed.federation.server import Server
+from mmfed.federation.server import Engine, Server
 from mmfed.models.multimodal import KIND_PARTS, MultimodalModel, build_model
 from mmfed.utils.io import load_torch, save_json, save_torch
 from mmfed.utils.seeding import numpy_rng, seed_torch
@@ -62,51 +62,106 @@ def _rows(split: MultimodalSplit, ids: tuple[str, ...], cid: str) -> list[int]:
     return [index[i] for i in ids]
 
 
-class Run:
-    """Everything one training run needs, built from the config; `train()` runs the rounds."""
+class Federation:
+    """What the config determines for server and clients alike: data, clients, models, local training.
+
+    Deterministic from the config, so any process (the embedded run, a Flower SuperNode) rebuilds the
+    same federation and the same client from `cfg` and a client id.
+    """
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.seed = int(cfg.seed)
-        self.dir = Path(cfg.run_dir)
-        self.quiet = bool(cfg.quiet)
-        if cfg.engine not in ENGINES:
-            raise ConfigError(f"config key 'engine': {cfg.engine!r} is not one of {', '.join(ENGINES)}")
         self.device = _device(str(cfg.device))
-        self._prepare_folder()
-
-        world = instantiate(cfg.data, "data")
-        self.train_split: MultimodalSplit = world.split("train")
-        self.val_split: MultimodalSplit = world.split("val")
-        self.test_split: MultimodalSplit = world.split("test")
+        self.world = instantiate(cfg.data, "data")
+        self.train_split: MultimodalSplit = self.world.split("train")
         self.num_image_classes = len(self.train_split.image_classes) or None
         self.num_text_classes = len(self.train_split.text_classes) or None
+        layout: FederationLayout = instantiate(cfg.layout, "layout")
+        partitioner: Partitioner = instantiate(cfg.partition, "partition")
+        self.clients: list[ClientSpec] = layout.build(
+            self.train_split, partitioner, numpy_rng(self.seed, "layout")
+        )
+        self.training: LocalTraining = instantiate(cfg.training, "training")
+        self._pool: ModelPool | None = None
 
-        self.clients = self._layout()
+    def split(self, name: str) -> MultimodalSplit:
+        return self.world.split(name)
+
+    def layout_meta(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "seed": self.seed,
+            "partition": to_container(cfg.partition),
+            "layout": to_container(cfg.layout),
+            "data": to_container(cfg.data),
+        }
+
+    def build_model(self, kind: str) -> MultimodalModel:
+        return build_model(self.cfg.model, KIND_PARTS[kind], self.num_image_classes, self.num_text_classes)
+
+    def global_model(self) -> MultimodalModel:
         seed_torch(self.seed, "global-init")
-        self.global_model = self._build("global").to(self.device)
+        return self.build_model("global").to(self.device)
+
+    def _template(self, kind: str) -> MultimodalModel:
+        seed_torch(self.seed, "client-template", kind)
+        return self.build_model(kind)
+
+    @property
+    def pool(self) -> ModelPool:
+        if self._pool is None:
+            self._pool = ModelPool(self._template, self.device)
+        return self._pool
+
+    def spec(self, cid: str) -> ClientSpec:
+        for client in self.clients:
+            if client.cid == cid:
+                return client
+        raise KeyError(f"no client {cid!r} in this federation ({', '.join(c.cid for c in self.clients)})")
+
+    def client_app(self, cid: str) -> ClientApp:
+        """The client `cid` with its own rows of the training split (built on demand, not kept)."""
+        spec = self.spec(cid)
+        split = self.train_split.subset(_rows(self.train_split, spec.train_ids, spec.cid), name=spec.cid)
+        return ClientApp(
+            spec,
+            ClientData(split, spec.kind),
+            self.pool,
+            self.cfg.algorithm.loss_terms,
+            self.training,
+            self.seed,
+        )
+
+
+class Run:
+    """One training run in its folder: the federation, the server, an engine; `train()` runs the rounds."""
+
+    def __init__(self, cfg: DictConfig, engine: Engine | None = None) -> None:
+        self.cfg = cfg
+        self.seed = int(cfg.seed)
+        self.dir = Path(cfg.run_dir)
+        self.quiet = bool(cfg.quiet)
+        if engine is None and cfg.engine not in ENGINES:
+            raise ConfigError(f"config key 'engine': {cfg.engine!r} is not one of {', '.join(ENGINES)}")
+        self._prepare_folder()
+        self.federation = Federation(cfg)
+        self.clients = self.federation.clients
+        self._check_layout()
+        self.val_split = self.federation.split("val")
+        self.test_split = self.federation.split("test")
+        self.global_model = self.federation.global_model()
         steps: dict[str, ServerStep] = {
             name: instantiate(step_cfg, f"algorithm.server_steps.{name}")
             for name, step_cfg in cfg.algorithm.server_steps.items()
         }
         self.server = Server(self.global_model, steps, self.clients, self.seed, cfg.clients_per_round)
         self.evaluator: Evaluator = instantiate(cfg.evaluation, "evaluation")
-        training: LocalTraining = instantiate(cfg.training, "training")
-        pool = ModelPool(self._template, self.device)
         self.store = ClientStateStore(self.dir / "client_state")
-
-        def factory(spec: ClientSpec) -> Any:
-            def make() -> ClientApp:
-                split = self.train_split.subset(
-                    _rows(self.train_split, spec.train_ids, spec.cid), name=spec.cid
-                )
-                return ClientApp(
-                    spec, ClientData(split, spec.kind), pool, cfg.algorithm.loss_terms, training, self.seed
-                )
-
-            return make
-
-        self.engine = EmbeddedEngine({c.cid: factory(c) for c in self.clients}, self.store, quiet=self.quiet)
+        if engine is None:
+            factories = {c.cid: (lambda cid=c.cid: self.federation.client_app(cid)) for c in self.clients}
+            engine = EmbeddedEngine(factories, self.store, quiet=self.quiet)
+        self.engine = engine
 
     # ------------------------------------------------------------------ setup
     def _prepare_folder(self) -> None:
@@ -137,34 +192,18 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(current)
 
-    def _layout(self) -> list[ClientSpec]:
-        layout: FederationLayout = instantiate(self.cfg.layout, "layout")
-        partitioner: Partitioner = instantiate(self.cfg.partition, "partition")
-        clients = layout.build(self.train_split, partitioner, numpy_rng(self.seed, "layout"))
-        meta = {
-            "seed": self.seed,
-            "partition": to_container(self.cfg.partition),
-            "layout": to_container(self.cfg.layout),
-            "data": to_container(self.cfg.data),
-        }
+    def _check_layout(self) -> None:
         path = self.dir / "partition.json"
+        meta = self.federation.layout_meta()
         if path.exists():
             saved, saved_meta = load_layout(path)
-            if saved != clients or saved_meta != meta:
+            if saved != self.clients or saved_meta != meta:
                 raise RunError(
                     f"{path} does not match the partition this config makes (a stale partition is "
                     "never reused); start a new run name"
                 )
         else:
-            save_layout(clients, path, meta)
-        return clients
-
-    def _build(self, kind: str) -> MultimodalModel:
-        return build_model(self.cfg.model, KIND_PARTS[kind], self.num_image_classes, self.num_text_classes)
-
-    def _template(self, kind: str) -> MultimodalModel:
-        seed_torch(self.seed, "client-template", kind)
-        return self._build(kind)
+            save_layout(self.clients, path, meta)
 
     # ------------------------------------------------------------------ rounds
     def train(self) -> dict[str, Any]:

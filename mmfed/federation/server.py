@@ -13,6 +13,7 @@ from typing import Protocol
 
 from mmfed.algorithms.base import ServerRound, ServerStep
 from mmfed.data.layout import ClientSpec
+from mmfed.data.samples import MultimodalSplit
 from mmfed.models.multimodal import MultimodalModel
 from mmfed.protocol import Payload, Reply
 from mmfed.utils.seeding import numpy_rng
@@ -39,6 +40,7 @@ class Server:
         clients: list[ClientSpec],
         seed: int,
         clients_per_round: int | None = None,
+        public: MultimodalSplit | None = None,
     ) -> None:
         if not steps:
             raise ValueError(
@@ -49,7 +51,7 @@ class Server:
                 f"clients_per_round={clients_per_round} must be between 1 and {len(clients)} clients"
             )
         self.global_model, self.steps, self.clients = global_model, steps, clients
-        self.seed, self.clients_per_round = seed, clients_per_round
+        self.seed, self.clients_per_round, self.public = seed, clients_per_round, public
         self.stages = list(dict.fromkeys(step.stage for step in steps.values()))
 
     def sample(self, round_: int) -> list[ClientSpec]:
