@@ -3,4 +3,4 @@
 Importing this package registers every part, so configs can name them.
 """
 
-from mmfed.algorithms import fedavg, task  # noqa: F401  (registration side effects)
+from mmfed.algorithms import creamfl, distill, fedafd, fedavg, moon, prox, task  # noqa: F401  (registration)

@@ -19,8 +19,16 @@ from mmfed.data.samples import MultimodalSplit
 from mmfed.models.multimodal import MultimodalModel
 from mmfed.protocol import Payload, Reply
 
+# Payload tensor names shared by server steps, loss terms and the client runtime.
+PUBLIC_INDICES = "public/indices"  # int64 [N]: rows of the public split used this round
+PUBLIC_CAPTIONS = "public/caption_index"  # int64 [N]: which caption of each public row
+GLOBAL_IMAGE = "public/global_image"  # [N, D]: the global model's image features of the public sample
+GLOBAL_TEXT = "public/global_text"  # [N, D]: ... and text features
+REPR_IMAGE = "repr/image"  # reply [N, D]: a client's own image features of the public sample
+REPR_TEXT = "repr/text"  # reply [N, D]
+
 Batch = dict[str, Any]  # images uint8 [B,3,H,W] | captions list[str] | image_labels / text_labels int64 [B]
-Outputs = dict[str, torch.Tensor]  # image_emb / text_emb: [B, D] (not normalised)
+Outputs = dict[str, torch.Tensor]  # image_emb / text_emb [B, D]; public_image_emb / public_text_emb [P, D]
 
 
 @dataclass
@@ -33,12 +41,14 @@ class ClientRound:
     payload: Payload
     model: MultimodalModel
     state: dict[str, Any] = field(default_factory=dict)  # this term's personal state from earlier rounds
+    seed: int = 0
 
 
 class LossTerm(nn.Module):
     """Base class: `kinds` says which client kinds use the term; `forward` returns weighted losses."""
 
     kinds: tuple[str, ...] = CLIENT_KINDS
+    uses_public: bool = False  # True: the trainer adds public_*_emb outputs and batch["public_positions"]
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
@@ -69,12 +79,17 @@ class ServerRound:
     global_model: MultimodalModel
     clients: list[ClientSpec]
     public: MultimodalSplit | None = None  # the server's public paired data, for distillation steps
+    stage: str = "fit"  # "fit" (train and reply) or "evaluate" (clients evaluate on their local test)
 
 
 class ServerStep:
     """Base class. `stage` is the client stage whose replies the step consumes ("fit" by default)."""
 
     stage: str = "fit"
+    uses_public: bool = False  # True: the run loads the public split and hands it to the step
+    # Global-model parts this step trains; the global model is built with the union over the steps,
+    # so a part nothing trains (e.g. heads under pure distillation) is neither built nor evaluated.
+    trains_parts: tuple[str, ...] = ()
 
     def broadcast(self, round_: ServerRound, client: ClientSpec) -> Payload:
         """This step's part of the payload for `client`: tensors, config, and what to reply with."""

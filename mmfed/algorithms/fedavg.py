@@ -45,6 +45,8 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
 class ModalityFedAvg(ServerStep):
     """Broadcast the global parts a client's kind trains; average the returned parts by sample count."""
 
+    trains_parts = KIND_PARTS["global"]
+
     def __init__(self, transport_dtype: str = "float32") -> None:
         if transport_dtype not in TRANSPORT_DTYPES:
             raise ValueError(

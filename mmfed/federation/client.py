@@ -16,12 +16,21 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from mmfed.algorithms.base import Batch, ClientRound, LossTerm
+from mmfed.algorithms.base import (
+    PUBLIC_CAPTIONS,
+    PUBLIC_INDICES,
+    REPR_IMAGE,
+    REPR_TEXT,
+    Batch,
+    ClientRound,
+    LossTerm,
+)
 from mmfed.algorithms.fedavg import WEIGHT_PREFIX
 from mmfed.config import check_choice, check_positive, instantiate, register
 from mmfed.data.layout import ClientSpec
 from mmfed.data.samples import MultimodalSplit
-from mmfed.models.multimodal import KIND_PARTS, MultimodalModel
+from mmfed.evaluation import Evaluator
+from mmfed.models.multimodal import FROZEN_PARTS, KIND_PARTS, MultimodalModel
 from mmfed.protocol import Payload, Reply, encode_tensors
 from mmfed.utils.seeding import numpy_rng, seed_torch
 
@@ -97,28 +106,39 @@ class ClientData:
 
 
 class ModelPool:
-    """One reusable model per client kind, reset before each client: never one model per client.
+    """One reusable model per client kind and encoder variant, reset before each client.
 
-    Building a model (and loading pretrained encoders) once per kind keeps rounds fast; resetting
-    to the same initial weights keeps a client's result independent of who trained before it.
+    Never one model per client: building a model (and loading pretrained encoders) once per
+    (kind, variant) keeps rounds fast and memory flat; resetting to the same initial weights keeps a
+    client's result independent of who trained before it.
     """
 
-    def __init__(self, build: Callable[[str], MultimodalModel], device: torch.device) -> None:
+    def __init__(self, build: Callable[[str, int], MultimodalModel], device: torch.device) -> None:
         self._build, self._device = build, device
-        self._models: dict[str, tuple[MultimodalModel, dict[str, torch.Tensor]]] = {}
+        self._models: dict[tuple[str, int], tuple[MultimodalModel, dict[str, torch.Tensor]]] = {}
 
-    def get(self, kind: str) -> MultimodalModel:
-        if kind not in self._models:
-            model = self._build(kind).to(self._device)
-            self._models[kind] = (model, copy.deepcopy(model.state_dict()))
-        model, initial = self._models[kind]
+    def get(self, kind: str, variant: int = 0) -> MultimodalModel:
+        key = (kind, variant)
+        if key not in self._models:
+            model = self._build(kind, variant).to(self._device)
+            self._models[key] = (model, copy.deepcopy(model.state_dict()))
+        model, initial = self._models[key]
         model.load_state_dict(initial)
         return model
 
 
+STAGES = ("fit", "evaluate")
+PERSONAL_MODEL = "model"  # key of the personal model parts in the client state
+
+
 @dataclass
 class ClientApp:
-    """One client: its spec, its data, and how it trains. Call it with (payload, state)."""
+    """One client: its spec, its data, and how it trains. Call it with (payload, state).
+
+    Model parts the server broadcasts are loaded from the payload; every other part (a
+    heterogeneous encoder, a personal head, a fusion module) is *personal*: it is restored from the
+    client state and saved back into it, so it stays with the client across rounds.
+    """
 
     spec: ClientSpec
     data: ClientData
@@ -126,23 +146,35 @@ class ClientApp:
     loss_terms: DictConfig  # name -> loss term config
     training: LocalTraining
     seed: int
+    variant: int = 0
+    public: MultimodalSplit | None = None  # the public paired data, for terms and representations
+    test_data: MultimodalSplit | None = None  # the client's local test split
+    evaluator: Evaluator | None = None
 
     def __call__(self, payload: Payload, state: dict[str, Any]) -> tuple[Reply, dict[str, Any]]:
-        model = self.pool.get(self.spec.kind)
-        global_state = {k: v for k, v in payload.tensors.items() if k.partition("/")[0] in model.part_names}
-        model.load_part_state(global_state)
-        if payload.stage != "fit":
-            raise ValueError(f"client stage {payload.stage!r} is not one of 'fit'")
-        terms = self._terms(payload, model, state)
-        metrics = self._fit(model, terms, payload.round)
-        reply = Reply(
-            cid=self.spec.cid, kind=self.spec.kind, num_examples=self.spec.num_examples, metrics=metrics
+        check_choice("payload.stage", payload.stage, STAGES)
+        model = self.pool.get(self.spec.kind, self.variant)
+        if PERSONAL_MODEL in state:
+            model.load_part_state(state[PERSONAL_MODEL], strict_parts=False)
+        received = model.load_part_state(
+            {k: v for k, v in payload.tensors.items() if k.partition("/")[0] in model.part_names}
         )
+        reply = Reply(cid=self.spec.cid, kind=self.spec.kind, num_examples=self.spec.num_examples)
+        if payload.stage == "evaluate":
+            reply.metrics = self._evaluate(model)
+            return reply, state
+        terms = self._terms(payload, model, state)
+        reply.metrics = self._fit(model, terms, payload)
         if "weights" in payload.reply:
             parts = [p for p in KIND_PARTS[self.spec.kind] if model.has(p)]
             weights = {WEIGHT_PREFIX + k: v for k, v in model.part_state(parts).items()}
             reply.tensors.update(encode_tensors(weights, payload.config.get("weights_dtype", "float32")))
-        new_state = {name: kept for name, term in terms.items() if (kept := term.end())}
+        if "representations" in payload.reply:
+            reply.tensors.update(self._represent(model, payload))
+        new_state: dict[str, Any] = {name: kept for name, term in terms.items() if (kept := term.end())}
+        personal = [p for p in model.part_names if p not in received and p not in FROZEN_PARTS]
+        if personal:
+            new_state[PERSONAL_MODEL] = {k: v.detach().clone() for k, v in model.part_state(personal).items()}
         return reply, new_state
 
     def _terms(self, payload: Payload, model: MultimodalModel, state: dict[str, Any]) -> dict[str, LossTerm]:
@@ -152,7 +184,13 @@ class ClientApp:
             if term.applies_to(self.spec.kind, model):
                 term.begin(
                     ClientRound(
-                        self.spec.cid, self.spec.kind, payload.round, payload, model, state.get(name, {})
+                        self.spec.cid,
+                        self.spec.kind,
+                        payload.round,
+                        payload,
+                        model,
+                        state.get(name, {}),
+                        self.seed,
                     )
                 )
                 terms[name] = term
@@ -162,9 +200,14 @@ class ClientApp:
             )
         return terms
 
-    def _fit(self, model: MultimodalModel, terms: dict[str, LossTerm], round_: int) -> dict[str, float]:
-        """The local training loop: forward each modality once, sum the terms' losses, step."""
-        training = self.training
+    def _fit(self, model: MultimodalModel, terms: dict[str, LossTerm], payload: Payload) -> dict[str, float]:
+        """The local training loop: forward each modality once, sum the terms' losses, step.
+
+        When a term uses public data, each step also draws a public batch from this round's public
+        sample and encodes it once (local features, unfused) for all such terms.
+        """
+        training, round_ = self.training, payload.round
+        public = self._public_batches(payload) if any(t.uses_public for t in terms.values()) else None
         seed_torch(self.seed, "client-fit", round_, self.spec.cid)  # dropout etc.: replayable on resume
         rng = numpy_rng(self.seed, "client-batches", round_, self.spec.cid)
         optimizer = training.make_optimizer(model)
@@ -180,6 +223,15 @@ class ClientApp:
                     out["image_emb"] = model.encode_images(batch["images"])  # [B, D]
                 if "captions" in batch:
                     out["text_emb"] = model.encode_texts(batch["captions"])  # [B, D]
+                if public is not None:
+                    positions = torch.from_numpy(
+                        rng.choice(public.size, min(public.size, training.batch_size), replace=False)
+                    )
+                    batch["public_positions"] = positions  # rows of this round's public sample
+                    if model.has("image_encoder"):
+                        out["public_image_emb"] = model.encode_images(public.images(positions), fuse=False)
+                    if model.has("text_encoder"):
+                        out["public_text_emb"] = model.encode_texts(public.texts(positions), fuse=False)
                 losses: dict[str, torch.Tensor] = {}
                 for term in terms.values():
                     for name, value in term(batch, out, model).items():
@@ -203,3 +255,56 @@ class ClientApp:
         return {f"train/{name}": value / max(steps, 1) for name, value in sums.items()} | {
             "train/steps": float(steps)
         }
+
+    # ------------------------------------------------------------------ public data
+    def _public_batches(self, payload: Payload) -> PublicSample | None:
+        if PUBLIC_INDICES not in payload.tensors:
+            return None
+        if self.public is None:
+            raise ValueError(
+                f"client {self.spec.cid}: the server sent public indices but no public split is loaded"
+            )
+        return PublicSample(self.public, payload.tensors[PUBLIC_INDICES], payload.tensors[PUBLIC_CAPTIONS])
+
+    @torch.no_grad()
+    def _represent(self, model: MultimodalModel, payload: Payload) -> dict[str, torch.Tensor]:
+        """The client's own (unfused) features of this round's public sample, per modality it has."""
+        sample = self._public_batches(payload)
+        if sample is None:
+            raise ValueError(f"client {self.spec.cid}: representations requested without public indices")
+        model.eval()
+        out: dict[str, torch.Tensor] = {}
+        chunks = [torch.arange(i, min(i + 256, sample.size)) for i in range(0, sample.size, 256)]
+        if model.has("image_encoder"):
+            out[REPR_IMAGE] = torch.cat([model.encode_images(sample.images(c), fuse=False) for c in chunks])
+        if model.has("text_encoder"):
+            out[REPR_TEXT] = torch.cat([model.encode_texts(sample.texts(c), fuse=False) for c in chunks])
+        return encode_tensors(out, payload.config.get("representation_dtype", "float16"))
+
+    def _evaluate(self, model: MultimodalModel) -> dict[str, float]:
+        """This client's model (global parts + personal parts) on its own local test split."""
+        if self.test_data is None or len(self.test_data) == 0 or self.evaluator is None:
+            return {}
+        return {f"local/{k}": v for k, v in self.evaluator.evaluate(model, self.test_data).items()}
+
+
+@dataclass
+class PublicSample:
+    """This round's public sample: rows of the public split and the caption used for each."""
+
+    split: MultimodalSplit
+    indices: torch.Tensor  # int64 [N]: rows of the public split
+    caption_index: torch.Tensor  # int64 [N]: which caption of each row
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+    def images(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.split.images[self.indices[positions]]
+
+    def texts(self, positions: torch.Tensor) -> list[str]:
+        rows, which = self.indices[positions].tolist(), self.caption_index[positions].tolist()
+        return [
+            self.split.captions[r][c % len(self.split.captions[r])] for r, c in zip(rows, which, strict=True)
+        ]

@@ -12,6 +12,7 @@ runs/<name>/
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -62,6 +63,24 @@ def _rows(split: MultimodalSplit, ids: tuple[str, ...], cid: str) -> list[int]:
     return [index[i] for i in ids]
 
 
+def _classes(nodes: Any) -> list[type]:
+    from hydra.utils import get_class
+
+    return [get_class(node._target_) for node in nodes]
+
+
+def _uses_public(cfg: DictConfig) -> bool:
+    """Whether any configured loss term or server step declares `uses_public` (read from its class)."""
+    parts = _classes([*cfg.algorithm.loss_terms.values(), *cfg.algorithm.server_steps.values()])
+    return any(getattr(part, "uses_public", False) for part in parts)
+
+
+def global_parts(cfg: DictConfig) -> tuple[str, ...]:
+    """The global model's parts: those some configured server step trains (declared by its class)."""
+    trained = {part for step in _classes(cfg.algorithm.server_steps.values()) for part in step.trains_parts}
+    return tuple(part for part in KIND_PARTS["global"] if part in trained)
+
+
 class Federation:
     """What the config determines for server and clients alike: data, clients, models, local training.
 
@@ -97,22 +116,53 @@ class Federation:
             "data": to_container(cfg.data),
         }
 
-    def build_model(self, kind: str) -> MultimodalModel:
-        return build_model(self.cfg.model, KIND_PARTS[kind], self.num_image_classes, self.num_text_classes)
+    def variant(self, spec: ClientSpec) -> int:
+        """Which encoder variant a client uses: its index within its kind, cycling through the variants."""
+        counts = [len(self.cfg.model.image_encoder_variants), len(self.cfg.model.text_encoder_variants)]
+        return int(spec.cid.rsplit("-", 1)[1]) % max(1, *counts)
+
+    def build_model(self, kind: str, variant: int = 0) -> MultimodalModel:
+        """A client model of `kind` (encoders picked by `variant`), or the global model (kind "global")."""
+        model_cfg = self.cfg.model
+        encoders: dict[str, Any] = {}
+        if kind != "global":
+            for name in ("image_encoder", "text_encoder"):
+                variants = model_cfg[f"{name}_variants"]
+                if variants:
+                    encoders[name] = variants[variant % len(variants)]
+        return build_model(
+            model_cfg,
+            KIND_PARTS[kind],
+            self.num_image_classes,
+            self.num_text_classes,
+            fusion=kind != "global" and bool(model_cfg.fusion),
+            **encoders,
+        )
 
     def global_model(self) -> MultimodalModel:
         seed_torch(self.seed, "global-init")
-        return self.build_model("global").to(self.device)
+        model = build_model(
+            self.cfg.model, global_parts(self.cfg), self.num_image_classes, self.num_text_classes
+        )
+        return model.to(self.device)
 
-    def _template(self, kind: str) -> MultimodalModel:
-        seed_torch(self.seed, "client-template", kind)
-        return self.build_model(kind)
+    def _template(self, kind: str, variant: int) -> MultimodalModel:
+        seed_torch(self.seed, "client-template", kind, variant)
+        return self.build_model(kind, variant)
 
     @property
     def pool(self) -> ModelPool:
         if self._pool is None:
             self._pool = ModelPool(self._template, self.device)
         return self._pool
+
+    @functools.cached_property
+    def public(self) -> MultimodalSplit:
+        return self.world.split("public")
+
+    @functools.cached_property
+    def uses_public(self) -> bool:
+        return _uses_public(self.cfg)
 
     def spec(self, cid: str) -> ClientSpec:
         for client in self.clients:
@@ -124,6 +174,9 @@ class Federation:
         """The client `cid` with its own rows of the training split (built on demand, not kept)."""
         spec = self.spec(cid)
         split = self.train_split.subset(_rows(self.train_split, spec.train_ids, spec.cid), name=spec.cid)
+        test = self.train_split.subset(
+            _rows(self.train_split, spec.test_ids, spec.cid), name=f"{spec.cid}-test"
+        )
         return ClientApp(
             spec,
             ClientData(split, spec.kind),
@@ -131,7 +184,15 @@ class Federation:
             self.cfg.algorithm.loss_terms,
             self.training,
             self.seed,
+            variant=self.variant(spec),
+            public=self.public if self.uses_public else None,
+            test_data=test,
+            evaluator=self.evaluator,
         )
+
+    @functools.cached_property
+    def evaluator(self) -> Evaluator:
+        return instantiate(self.cfg.evaluation, "evaluation")
 
 
 class Run:
@@ -155,7 +216,14 @@ class Run:
             name: instantiate(step_cfg, f"algorithm.server_steps.{name}")
             for name, step_cfg in cfg.algorithm.server_steps.items()
         }
-        self.server = Server(self.global_model, steps, self.clients, self.seed, cfg.clients_per_round)
+        self.server = Server(
+            self.global_model,
+            steps,
+            self.clients,
+            self.seed,
+            cfg.clients_per_round,
+            public=self.federation.public if self.federation.uses_public else None,
+        )
         self.evaluator: Evaluator = instantiate(cfg.evaluation, "evaluation")
         self.store = ClientStateStore(self.dir / "client_state")
         if engine is None:
@@ -313,6 +381,11 @@ class Run:
             self.global_model.load_state_dict(load_torch(best_file))
         test = self.evaluator.evaluate(self.global_model, self.test_split)
         summary: dict[str, Any] = dict(test)
+        # Per client: the model it would use (global parts + its personal parts) on its local test split.
+        per_client = self.server.evaluate_clients(rounds + 1, self.engine)
+        self.store.rollback(rounds)  # evaluation changes no client state
+        summary.update(_client_summary(per_client, self.clients))
+        summary["clients"] = per_client
         summary.update(
             {
                 "rounds": rounds,
@@ -329,6 +402,19 @@ class Run:
 
         plot_run(self.dir)
         return summary
+
+
+def _client_summary(per_client: dict[str, dict[str, float]], clients: list[ClientSpec]) -> dict[str, float]:
+    """Mean and std over the clients of each kind, e.g. ``local/image/classification/image/acc/mean``."""
+    summary: dict[str, float] = {}
+    for kind in ("image", "text", "paired"):
+        rows = [per_client[c.cid] for c in clients if c.kind == kind and c.cid in per_client]
+        for key in sorted({k for row in rows for k in row}):
+            values = torch.tensor([row[key] for row in rows if key in row], dtype=torch.float64)
+            name = f"local/{kind}/{key.removeprefix('local/')}"
+            summary[f"{name}/mean"] = float(values.mean())
+            summary[f"{name}/std"] = float(values.std(unbiased=False))
+    return summary
 
 
 def _train_means(replies: list[Any]) -> dict[str, float]:

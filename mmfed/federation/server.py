@@ -25,6 +25,10 @@ class Engine(Protocol):
         ...
 
 
+class RoundFailed(RuntimeError):
+    """Fewer clients replied in a stage than `min_replies` asks for; the message names who and why."""
+
+
 @dataclass
 class RoundTraffic:
     bytes_down: int = 0
@@ -41,6 +45,7 @@ class Server:
         seed: int,
         clients_per_round: int | None = None,
         public: MultimodalSplit | None = None,
+        min_replies: int | None = None,
     ) -> None:
         if not steps:
             raise ValueError(
@@ -50,6 +55,12 @@ class Server:
             raise ValueError(
                 f"clients_per_round={clients_per_round} must be between 1 and {len(clients)} clients"
             )
+        sampled = clients_per_round or len(clients)
+        if min_replies is not None and not 1 <= min_replies <= sampled:
+            raise ValueError(
+                f"min_replies={min_replies} must be between 1 and {sampled} (the clients per round)"
+            )
+        self.min_replies = min_replies  # None: every sampled client must reply
         self.global_model, self.steps, self.clients = global_model, steps, clients
         self.seed, self.clients_per_round, self.public = seed, clients_per_round, public
         self.stages = list(dict.fromkeys(step.stage for step in steps.values()))
@@ -64,9 +75,7 @@ class Server:
         return [self.clients[i] for i in sorted(chosen)]
 
     def run_round(self, round_: int, engine: Engine) -> tuple[dict[str, float], RoundTraffic, list[Reply]]:
-        context = ServerRound(
-            round=round_, seed=self.seed, global_model=self.global_model, clients=self.clients
-        )
+        context = ServerRound(round_, self.seed, self.global_model, self.clients, self.public)
         sampled = self.sample(round_)
         metrics: dict[str, float] = {"clients": float(len(sampled))}
         traffic = RoundTraffic()
@@ -80,6 +89,13 @@ class Server:
                     payload.merge(step.broadcast(context, client))
                 payloads[client.cid] = payload
             replies = engine.run_stage(stage, round_, payloads)
+            if len(replies) < min(self.min_replies or len(payloads), len(payloads)):
+                why = {f.cid: f.error for f in getattr(engine, "failures", []) if f.round == round_}
+                lost = "; ".join(f"{c}: {why.get(c, 'no reply')}" for c in payloads if c not in replies)
+                raise RoundFailed(
+                    f"round {round_} ({stage}): {len(replies)} of {len(payloads)} clients replied, fewer "
+                    f"than min_replies={self.min_replies or 'all'} ({lost})"
+                )
             ordered = [replies[c.cid] for c in sampled if c.cid in replies]
             for cid, payload in payloads.items():
                 entry = traffic.per_client.setdefault(cid, {"down": 0, "up": 0})
@@ -99,3 +115,18 @@ class Server:
     def load_state_dict(self, state: dict[str, object]) -> None:
         for name, step in self.steps.items():
             step.load_state_dict(state.get(name, {}))  # type: ignore[arg-type]
+
+    def evaluate_clients(self, round_: int, engine: Engine) -> dict[str, dict[str, float]]:
+        """Every client evaluates its model (what the server sends + its personal parts) on its local test."""
+        context = ServerRound(
+            round_, self.seed, self.global_model, self.clients, self.public, stage="evaluate"
+        )
+        payloads: dict[str, Payload] = {}
+        for client in self.clients:
+            payload = Payload(stage="evaluate", round=round_)
+            for step in self.steps.values():
+                payload.merge(step.broadcast(context, client))
+            payload.reply = []
+            payloads[client.cid] = payload
+        replies = engine.run_stage("evaluate", round_, payloads)
+        return {cid: reply.metrics for cid, reply in replies.items()}

@@ -87,6 +87,42 @@ class SmallCNN(nn.Module):
         return self.features(pixels).flatten(1)
 
 
+@register("model/image_encoder", "vit")
+class SmallViT(nn.Module):
+    """A small vision transformer (patches -> pre-norm encoder -> mean pool), a second image kind.
+
+    It gives model-heterogeneous federations an image encoder whose weights cannot be averaged with
+    the CNN's: only representations can be exchanged between the two.
+    """
+
+    def __init__(
+        self, width: int = 96, layers: int = 2, heads: int = 4, patch_size: int = 4, image_size: int = 32
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size={image_size} must be divisible by patch_size={patch_size}")
+        if width % heads:
+            raise ValueError(f"width={width} must be divisible by heads={heads}")
+        self.image_size = image_size
+        self.patches = nn.Conv2d(3, width, patch_size, stride=patch_size)  # [B, W, S/p, S/p]
+        count = (image_size // patch_size) ** 2
+        self.position = nn.Parameter(torch.randn(count, width) / math.sqrt(width))
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, 0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.output_dim = width
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(127.5).sub_(1.0)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        return x
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        tokens = self.patches(pixels).flatten(2).transpose(1, 2) + self.position  # [B, N, W]
+        return self.norm(self.encoder(tokens)).mean(dim=1)
+
+
 @register("model/image_encoder", "open_clip")
 class OpenCLIPImageEncoder(nn.Module):
     """The image tower of an open_clip model (e.g. ``ViT-B-32``).

@@ -19,14 +19,24 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mmfed.config import check_choice, instantiate
+from mmfed.models.fusion import GranularityAwareFusion
 
-PARTS = ("image_encoder", "text_encoder", "image_head", "text_head", "logit_scale")
+PARTS = (
+    "image_encoder", "text_encoder", "image_head", "text_head", "logit_scale",
+    # FedAFD fusion: personal fusion modules and frozen copies of the global encoders they read
+    "image_fusion", "text_fusion", "reference_image_encoder", "reference_text_encoder",
+)  # fmt: skip
 KIND_PARTS: dict[str, tuple[str, ...]] = {
     "image": ("image_encoder", "image_head"),
     "text": ("text_encoder", "text_head"),
     "paired": ("image_encoder", "text_encoder", "logit_scale"),
-    "global": PARTS,
+    "global": ("image_encoder", "text_encoder", "image_head", "text_head", "logit_scale"),
 }
+FUSION_PARTS: dict[str, tuple[str, ...]] = {
+    "image_encoder": ("image_fusion", "reference_image_encoder"),
+    "text_encoder": ("text_fusion", "reference_text_encoder"),
+}
+FROZEN_PARTS = ("reference_image_encoder", "reference_text_encoder")
 
 
 class Tower(nn.Module):
@@ -68,18 +78,35 @@ class MultimodalModel(nn.Module):
     def has(self, part: str) -> bool:
         return part in self.part_names
 
-    def encode_images(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> [B, D]."""
-        tower: Tower = self.image_encoder
-        emb = tower(tower.prepare(images).to(self.device))
+    def encode_images(self, images: torch.Tensor, normalize: bool = False, fuse: bool = True) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> [B, D]; fused with the global encoder's feature when the model has fusion."""
+        return self._encode("image", images, normalize, fuse)
+
+    def encode_texts(self, texts: list[str], normalize: bool = False, fuse: bool = True) -> torch.Tensor:
+        """captions -> [B, D]; fused with the global encoder's feature when the model has fusion."""
+        return self._encode("text", texts, normalize, fuse)
+
+    def _encode(self, modality: str, raw: object, normalize: bool, fuse: bool) -> torch.Tensor:
+        emb = self._tower_forward(getattr(self, f"{modality}_encoder"), raw)  # [B, D]
+        if fuse and self.has(f"{modality}_fusion"):
+            with torch.no_grad():  # the reference is the frozen global encoder
+                reference = self._tower_forward(getattr(self, f"reference_{modality}_encoder"), raw)
+            emb = getattr(self, f"{modality}_fusion")(emb, reference)
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def encode_texts(self, texts: list[str], normalize: bool = False) -> torch.Tensor:
-        """captions -> [B, D]."""
-        tower: Tower = self.text_encoder
-        tokens = {k: v.to(self.device) for k, v in tower.prepare(texts).items()}
-        emb = tower(tokens)
-        return F.normalize(emb, dim=-1) if normalize else emb
+    def _tower_forward(self, tower: Tower, raw: object) -> torch.Tensor:
+        prepared = tower.prepare(raw)
+        if isinstance(prepared, dict):
+            return tower({k: v.to(self.device) for k, v in prepared.items()})
+        return tower(prepared.to(self.device))
+
+    def train(self, mode: bool = True) -> MultimodalModel:
+        """Frozen reference encoders stay in eval mode (batch-norm statistics, dropout) whatever `mode` is."""
+        super().train(mode)
+        for part in FROZEN_PARTS:
+            if self.has(part):
+                getattr(self, part).eval()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -112,16 +139,38 @@ class MultimodalModel(nn.Module):
 
 
 def build_model(
-    model_cfg: DictConfig, parts: Iterable[str], num_image_classes: int | None, num_text_classes: int | None
+    model_cfg: DictConfig,
+    parts: Iterable[str],
+    num_image_classes: int | None,
+    num_text_classes: int | None,
+    image_encoder: DictConfig | None = None,
+    text_encoder: DictConfig | None = None,
+    fusion: bool = False,
 ) -> MultimodalModel:
-    """Build the requested parts from the ``model`` config (encoders by registry name, D, heads)."""
+    """Build the requested parts from the ``model`` config.
+
+    `image_encoder` / `text_encoder` override the config's encoders (model heterogeneity: a client
+    may use another architecture than the global model). With `fusion`, every encoder gets a fusion
+    module and a frozen reference tower of the *global* architecture (``model.image_encoder`` ...).
+    """
     embed_dim = int(model_cfg.embed_dim)
+    encoders = {
+        "image_encoder": image_encoder or model_cfg.image_encoder,
+        "text_encoder": text_encoder or model_cfg.text_encoder,
+    }
+    wanted = list(parts)
+    if fusion:
+        wanted += [extra for part in parts for extra in FUSION_PARTS.get(part, ())]
     built: dict[str, nn.Module] = {}
-    for part in parts:
-        if part == "image_encoder":
-            built[part] = Tower(instantiate(model_cfg.image_encoder, "model.image_encoder"), embed_dim)
-        elif part == "text_encoder":
-            built[part] = Tower(instantiate(model_cfg.text_encoder, "model.text_encoder"), embed_dim)
+    for part in wanted:
+        if part in encoders:
+            built[part] = Tower(instantiate(encoders[part], f"model.{part}"), embed_dim)
+        elif part.startswith("reference_"):
+            base = part.removeprefix("reference_")
+            built[part] = Tower(instantiate(getattr(model_cfg, base), f"model.{base}"), embed_dim)
+            built[part].requires_grad_(False)
+        elif part in ("image_fusion", "text_fusion"):
+            built[part] = GranularityAwareFusion(embed_dim)
         elif part == "image_head" and num_image_classes:
             built[part] = nn.Linear(embed_dim, num_image_classes)
         elif part == "text_head" and num_text_classes:

@@ -401,7 +401,7 @@ def test_hf_text_encoder_missing_model_raises_pretrained_load_error(
 
 
 # ----------------------------------------------------------------------------- registry
-SMALL = {"model/image_encoder": {"cnn"}, "model/text_encoder": {"transformer", "gru"}}
+SMALL = {"model/image_encoder": {"cnn", "vit"}, "model/text_encoder": {"transformer", "gru"}}
 LOADED = {"model/image_encoder": {"open_clip"}, "model/text_encoder": {"open_clip", "hf"}}
 
 
