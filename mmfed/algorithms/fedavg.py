@@ -80,5 +80,5 @@ class ModalityFedAvg(ServerStep):
             target = getattr(model, part)
             reference = target.state_dict()
             target.load_state_dict({k: v.to(reference[k].dtype) for k, v in averaged.items()})
-            metrics[f"fedavg/{part}/clients"] = float(len(entries))
+            metrics[f"{part}/clients"] = float(len(entries))
         return metrics

@@ -103,7 +103,7 @@ class Server:
                 entry["up"] += replies[cid].nbytes if cid in replies else 0
             for name, step in steps.items():
                 for key, value in step.aggregate(context, ordered).items():
-                    metrics[f"server/{name}/{key}" if not key.startswith(name) else f"server/{key}"] = value
+                    metrics[f"server/{name}/{key}"] = value
             all_replies.extend(ordered)
         traffic.bytes_down = sum(e["down"] for e in traffic.per_client.values())
         traffic.bytes_up = sum(e["up"] for e in traffic.per_client.values())
