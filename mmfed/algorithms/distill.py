@@ -63,7 +63,7 @@ def aggregate(
     representations: list[torch.Tensor],
     anchor: torch.Tensor | None,
     temperature: float,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K tensors [N, D] -> (weighted aggregate [N, D], weights [K, N]), chunk by chunk of rows."""
     count, dim = representations[0].shape
@@ -95,7 +95,7 @@ class EnsembleDistillation(ServerStep):
         server_epochs: int = 1,
         batch_size: int = 64,
         lr: float = 1e-3,
-        chunk_size: int = 4096,
+        chunk_size: int = 1024,
         representation_dtype: str = "float16",
         send_global_encoders: bool = False,
     ) -> None:
