@@ -1,4 +1,5 @@
-"""The `mmfed` command: ``mmfed train [key=value ...]``, ``mmfed report RUN_DIR``.
+"""The `mmfed` command: ``mmfed train [key=value ...]``, ``mmfed report RUN_DIR``,
+``mmfed eval RUN_DIR protocol=NAME``.
 
 Configs are composed with Hydra's compose API from ``configs/`` (the repository's, or --config-dir)
 plus the structured configs every component registers. Any error in the config or the input is
@@ -91,6 +92,15 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from mmfed.eval_protocols import evaluate_run, format_result
+
+    result = evaluate_run(args.run_dir, args.options)
+    print(format_result(result))
+    print(f"saved {Path(args.run_dir) / 'eval' / (result['protocol'] + '.json')}")
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -113,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="(re)draw a run's plots and print its summary")
     report.add_argument("run_dir")
     report.set_defaults(run=_report)
+    evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint on a protocol (coco-1k, ...)")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument(
+        "options",
+        nargs="*",
+        help="protocol=coco-1k|coco-5k|flickr30k-1k|cifar10|..., checkpoint=best|last|PATH, fold_size=N, "
+        "batch_size=N, backend=auto|torch|faiss, device=..., quiet=true, data.<key>=VALUE",
+    )
+    evaluate.set_defaults(run=_eval)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 

@@ -243,7 +243,9 @@ class MultimodalSplit:
         self, indices: Sequence[int] | torch.Tensor | np.ndarray, name: str | None = None
     ) -> MultimodalSplit:
         """Rows `indices` (in that order; a bool mask also works), every column kept aligned."""
-        index = torch.as_tensor(np.asarray(indices) if not isinstance(indices, torch.Tensor) else indices)
+        index = torch.as_tensor(
+            np.ascontiguousarray(indices) if not isinstance(indices, torch.Tensor) else indices
+        )
         if index.dtype == torch.bool:
             if index.shape != (len(self),):
                 self._fail(f"bool mask has shape {tuple(index.shape)}, expected ({len(self)},)")

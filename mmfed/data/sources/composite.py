@@ -6,6 +6,7 @@ evaluate on yet other splits (COCO 1K/5K, Flickr30k 1K). `CompositeSource` holds
 role and answers for each:
 
 - ``kinds`` / ``train_split(kind)``: the training split of the image, text and paired clients;
+  ``build_clients(layout, partitioners, seed)``: the clients, each kind partitioning its own split;
 - ``split("public")``: the public role's split; ``split("val")`` / ``split("test")``: the
   validation / test split of the ``val`` role (model selection; the paired role by default);
 - ``split("<role>/<split>")``: any split of any role, e.g. ``"image/test"``;
@@ -18,11 +19,15 @@ role and answers for each:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from mmfed.config import register
+from mmfed.data.layout import CLIENT_KINDS, ClientSpec, FederationLayout
+from mmfed.data.partition import Partitioner
 from mmfed.data.samples import MultimodalSplit
 from mmfed.data.sources.protocols import Protocol, get_protocol
+from mmfed.utils.seeding import numpy_rng
 
 CLIENT_ROLES = ("image", "text", "paired")
 ROLES = (*CLIENT_ROLES, "public")
@@ -106,6 +111,38 @@ class CompositeSource:
                 f"for kind in {', '.join(self.kinds) or '(none configured)'}"
             )
         raise ValueError(f"composite data has no split '{name}'; use public, val, test or <role>/<split>")
+
+    def build_clients(
+        self, layout: FederationLayout, partitioners: Partitioner | Mapping[str, Partitioner], seed: int
+    ) -> list[ClientSpec]:
+        """The federation's clients: each kind's clients partition that kind's own training split.
+
+        Unlike `FederationLayout.build` on one shared split, no kind takes rows from another: the
+        image clients split all of the image source's training rows, and so on. `partitioners` is one
+        partitioner for every kind or one per kind (e.g. Dirichlet for labelled image/text data, IID
+        shards for unlabelled pairs). Each kind draws from its own stream (seed, "layout", kind), so
+        adding text clients does not move the image clients' rows. Client ids and kinds are those of
+        `FederationLayout.build` ("image-0", ...), in the order image, text, paired.
+        """
+        clients: list[ClientSpec] = []
+        for kind in CLIENT_KINDS:
+            count = layout.counts[kind]
+            if count == 0:
+                continue
+            if kind not in self.roles:
+                raise ValueError(f"layout.{kind}={count} but data has no '{kind}' source (data.{kind})")
+            if isinstance(partitioners, Mapping):
+                if kind not in partitioners:
+                    raise ValueError(f"no partitioner for client kind '{kind}'")
+                partitioner = partitioners[kind]
+            else:
+                partitioner = partitioners
+            only = FederationLayout(
+                **{k: count if k == kind else 0 for k in CLIENT_KINDS},
+                local_test_fraction=layout.local_test_fraction,
+            )
+            clients += only.build(self.train_split(kind), partitioner, numpy_rng(seed, "layout", kind))
+        return clients
 
     # ------------------------------------------------------------------ evaluation
     def source_for(self, dataset: str) -> Any:
