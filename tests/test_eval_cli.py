@@ -179,3 +179,19 @@ def test_missing_run_folder_or_data(tmp_path: Path, flickr_run: Path, capsys, mo
     err = capsys.readouterr().err
     assert "dataset 'coco' not found" in err and str(tmp_path / "data" / "coco") in err
     assert "yerevann/coco-karpathy" in err and "HF_HUB_OFFLINE" in err
+
+
+def test_protocol_data_comes_from_the_runs_composite_config(tmp_path: Path) -> None:
+    from mmfed.data.sources import get_protocol
+    from mmfed.eval_protocols import protocol_data_config
+
+    cfg = compose(["experiment=creamfl_real", f"data.eval_data.coco.root={tmp_path / 'coco'}"])
+    data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))  # as saved in config.yaml
+    targets = {name: protocol_data_config(data, get_protocol(name)) for name in cfg.data.protocols}
+    assert targets["coco-1k"].root == str(tmp_path / "coco") == targets["coco-5k"].root  # eval_data.coco
+    assert targets["flickr30k-1k"]._target_.endswith("Flickr30k")  # the paired role
+    assert targets["cifar100"]._target_.endswith("Cifar100") and targets["agnews"]._target_.endswith("AgNews")
+    other = protocol_data_config(data, get_protocol("cifar10"))  # not in the run: the dataset's defaults
+    assert other._target_.endswith("Cifar10") and other.root is None
+    with pytest.raises(Exception, match="colour"):
+        other.colour = "red"  # typed by the structured config: unknown keys fail, naming the key
