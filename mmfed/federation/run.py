@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 import mmfed.algorithms  # noqa: F401  (registers loss terms and server steps)
 from mmfed.algorithms.base import ServerStep
 from mmfed.config import ConfigError, instantiate, to_container
-from mmfed.data.layout import ClientSpec, FederationLayout, load_layout, save_layout
+from mmfed.data.layout import CLIENT_KINDS, ClientSpec, FederationLayout, load_layout, save_layout
 from mmfed.data.partition import Partitioner
 from mmfed.data.samples import MultimodalSplit
 from mmfed.evaluation import Evaluator
@@ -38,7 +38,7 @@ from mmfed.utils.io import load_torch, save_json, save_torch
 from mmfed.utils.seeding import numpy_rng, seed_torch
 
 log = logging.getLogger("mmfed")
-ENGINES = ("embedded",)
+ENGINES = ("embedded", "flower")
 
 
 class RunError(RuntimeError):
@@ -93,14 +93,29 @@ class Federation:
         self.seed = int(cfg.seed)
         self.device = _device(str(cfg.device))
         self.world = instantiate(cfg.data, "data")
-        self.train_split: MultimodalSplit = self.world.split("train")
-        self.num_image_classes = len(self.train_split.image_classes) or None
-        self.num_text_classes = len(self.train_split.text_classes) or None
+        self.num_image_classes = len(self.world.image_classes) or None
+        self.num_text_classes = len(self.world.text_classes) or None
         layout: FederationLayout = instantiate(cfg.layout, "layout")
         partitioner: Partitioner = instantiate(cfg.partition, "partition")
-        self.clients: list[ClientSpec] = layout.build(
-            self.train_split, partitioner, numpy_rng(self.seed, "layout")
-        )
+        per_kind = cfg.get("partition_by_kind") or {}
+        partitioners = {
+            kind: instantiate(per_kind[kind], f"partition_by_kind.{kind}")
+            if kind in per_kind
+            else partitioner
+            for kind in CLIENT_KINDS
+        }
+        if hasattr(self.world, "build_clients"):  # one dataset per client kind (data=composite)
+            self.clients: list[ClientSpec] = self.world.build_clients(layout, partitioners, self.seed)
+            self.train_splits = {kind: self.world.train_split(kind) for kind in self.world.kinds}
+        else:  # one training split shared out among the kinds
+            train = self.world.split("train")
+            if per_kind:
+                raise ConfigError(
+                    "config key 'partition_by_kind' needs a data source with one split per kind "
+                    "(data=composite); use 'partition' with a single source"
+                )
+            self.clients = layout.build(train, partitioner, numpy_rng(self.seed, "layout"))
+            self.train_splits = dict.fromkeys(CLIENT_KINDS, train)
         self.training: LocalTraining = instantiate(cfg.training, "training")
         self._pool: ModelPool | None = None
 
@@ -114,6 +129,7 @@ class Federation:
             "partition": to_container(cfg.partition),
             "layout": to_container(cfg.layout),
             "data": to_container(cfg.data),
+            "partition_by_kind": to_container(cfg.get("partition_by_kind") or {}),
         }
 
     def variant(self, spec: ClientSpec) -> int:
@@ -130,7 +146,7 @@ class Federation:
                 variants = model_cfg[f"{name}_variants"]
                 if variants:
                     encoders[name] = variants[variant % len(variants)]
-        return build_model(
+        model = build_model(
             model_cfg,
             KIND_PARTS[kind],
             self.num_image_classes,
@@ -138,6 +154,9 @@ class Federation:
             fusion=kind != "global" and bool(model_cfg.fusion),
             **encoders,
         )
+        if kind != "global" and model_cfg.get("lora") is not None:  # personal LoRA adapters (models/lora.py)
+            model = instantiate(model_cfg.lora, "model.lora").wrap(model)
+        return model
 
     def global_model(self) -> MultimodalModel:
         seed_torch(self.seed, "global-init")
@@ -173,10 +192,9 @@ class Federation:
     def client_app(self, cid: str) -> ClientApp:
         """The client `cid` with its own rows of the training split (built on demand, not kept)."""
         spec = self.spec(cid)
-        split = self.train_split.subset(_rows(self.train_split, spec.train_ids, spec.cid), name=spec.cid)
-        test = self.train_split.subset(
-            _rows(self.train_split, spec.test_ids, spec.cid), name=f"{spec.cid}-test"
-        )
+        train = self.train_splits[spec.kind]
+        split = train.subset(_rows(train, spec.train_ids, spec.cid), name=spec.cid)
+        test = train.subset(_rows(train, spec.test_ids, spec.cid), name=f"{spec.cid}-test")
         return ClientApp(
             spec,
             ClientData(split, spec.kind),
@@ -223,12 +241,19 @@ class Run:
             self.seed,
             cfg.clients_per_round,
             public=self.federation.public if self.federation.uses_public else None,
+            min_replies=cfg.min_replies,
         )
         self.evaluator: Evaluator = instantiate(cfg.evaluation, "evaluation")
         self.store = ClientStateStore(self.dir / "client_state")
+        if engine is None and cfg.engine == "flower":  # clients on Flower: see mmfed.federation.flower
+            from mmfed.federation.flower.engine import FlowerEngine
+
+            engine = FlowerEngine.from_config(cfg)
         if engine is None:
             factories = {c.cid: (lambda cid=c.cid: self.federation.client_app(cid)) for c in self.clients}
-            engine = EmbeddedEngine(factories, self.store, quiet=self.quiet)
+            engine = EmbeddedEngine(
+                factories, self.store, quiet=self.quiet, client_timeout=cfg.client_timeout
+            )
         self.engine = engine
 
     # ------------------------------------------------------------------ setup
@@ -338,6 +363,8 @@ class Run:
             record.update(server_metrics)
             record.update({f"val/{k}": v for k, v in val.items()})
             record["clients_bytes"] = traffic.per_client
+            failures = getattr(self.engine, "failures", [])
+            record["failures"] = [f.as_dict() for f in failures if f.round == round_]
             score = val.get(self.evaluator.selection_metric)
             if score is None:
                 raise ConfigError(
@@ -381,6 +408,26 @@ class Run:
             self.global_model.load_state_dict(load_torch(best_file))
         test = self.evaluator.evaluate(self.global_model, self.test_split)
         summary: dict[str, Any] = dict(test)
+        world = self.federation.world
+        for name in getattr(world, "protocols", {}):  # composite data: every named test protocol
+            from mmfed.eval_protocols import evaluate_protocol
+
+            heads = self.global_model.has("image_head") or self.global_model.has("text_head")
+            if world.protocols[name].task != "retrieval" and not heads:
+                summary[f"test/{name}/skipped"] = (
+                    "the global model has no classification head (see local/...)"
+                )
+                continue
+            result = evaluate_protocol(
+                self.global_model,
+                world.protocols[name],
+                world.protocol_split(name),
+                ks=self.evaluator.ks,
+                chunk_size=self.evaluator.chunk_size,
+                backend=self.evaluator.backend,
+            )
+            summary.update({f"test/{name}/{k}": v for k, v in result["metrics"].items()})
+        summary.update(getattr(world, "data_metrics", dict)())  # e.g. corrupt images skipped, per split
         # Per client: the model it would use (global parts + its personal parts) on its local test split.
         per_client = self.server.evaluate_clients(rounds + 1, self.engine)
         self.store.rollback(rounds)  # evaluation changes no client state
@@ -428,4 +475,9 @@ def _train_means(replies: list[Any]) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    return Run(cfg).train()
+    run = Run(cfg)
+    if cfg.engine == "flower":  # the rounds run inside Flower's simulation (its ServerApp thread)
+        from mmfed.federation.flower.simulation import simulate
+
+        return simulate(run)
+    return run.train()
