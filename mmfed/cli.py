@@ -39,6 +39,7 @@ def compose(overrides: list[str], config_path: str | None = None) -> DictConfig:
     import mmfed.data.synthetic  # noqa: F401
     import mmfed.evaluation  # noqa: F401
     import mmfed.federation.client  # noqa: F401
+    import mmfed.federation.flower.settings  # noqa: F401  (the `flower` group; no flwr import)
     import mmfed.models.encoders  # noqa: F401
     from mmfed.config import ConfigError
 
@@ -137,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmfed.config import ConfigError
     from mmfed.federation.run import RunError
+    from mmfed.federation.server import RoundFailed
     from mmfed.models.encoders import PretrainedLoadError
 
     try:
         return args.run(args)
-    except (ConfigError, RunError, PretrainedLoadError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, RunError, RoundFailed, PretrainedLoadError, FileNotFoundError, ValueError) as error:
         if os.environ.get("MMFED_DEBUG"):
             raise  # the full traceback, for bugs rather than bad input
         print(f"mmfed: error: {_one_line(error)}", file=sys.stderr)

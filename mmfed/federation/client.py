@@ -30,6 +30,7 @@ from mmfed.config import check_choice, check_positive, instantiate, register
 from mmfed.data.layout import ClientSpec
 from mmfed.data.samples import MultimodalSplit
 from mmfed.evaluation import Evaluator
+from mmfed.models.lora import is_personal
 from mmfed.models.multimodal import FROZEN_PARTS, KIND_PARTS, MultimodalModel
 from mmfed.protocol import Payload, Reply, encode_tensors
 from mmfed.utils.seeding import numpy_rng, seed_torch
@@ -156,8 +157,12 @@ class ClientApp:
         model = self.pool.get(self.spec.kind, self.variant)
         if PERSONAL_MODEL in state:
             model.load_part_state(state[PERSONAL_MODEL], strict_parts=False)
-        received = model.load_part_state(
-            {k: v for k, v in payload.tensors.items() if k.partition("/")[0] in model.part_names}
+        received = model.load_part_state(  # LoRA adapters (and personal heads) never come from the server
+            {
+                k: v
+                for k, v in payload.tensors.items()
+                if k.partition("/")[0] in model.part_names and not is_personal(model, k)
+            }
         )
         reply = Reply(cid=self.spec.cid, kind=self.spec.kind, num_examples=self.spec.num_examples)
         if payload.stage == "evaluate":
@@ -167,14 +172,18 @@ class ClientApp:
         reply.metrics = self._fit(model, terms, payload)
         if "weights" in payload.reply:
             parts = [p for p in KIND_PARTS[self.spec.kind] if model.has(p)]
-            weights = {WEIGHT_PREFIX + k: v for k, v in model.part_state(parts).items()}
+            weights = {
+                WEIGHT_PREFIX + k: v for k, v in model.part_state(parts).items() if not is_personal(model, k)
+            }
             reply.tensors.update(encode_tensors(weights, payload.config.get("weights_dtype", "float32")))
         if "representations" in payload.reply:
             reply.tensors.update(self._represent(model, payload))
         new_state: dict[str, Any] = {name: kept for name, term in terms.items() if (kept := term.end())}
         personal = [p for p in model.part_names if p not in received and p not in FROZEN_PARTS]
-        if personal:
-            new_state[PERSONAL_MODEL] = {k: v.detach().clone() for k, v in model.part_state(personal).items()}
+        own = model.part_state(personal)
+        own |= {k: v for k, v in model.part_state(received).items() if is_personal(model, k)}  # adapters
+        if own:
+            new_state[PERSONAL_MODEL] = {k: v.detach().clone() for k, v in own.items()}
         return reply, new_state
 
     def _terms(self, payload: Payload, model: MultimodalModel, state: dict[str, Any]) -> dict[str, LossTerm]:
