@@ -1,0 +1,74 @@
+"""`mmfed train engine=flower` on Flower's simulation engine (Ray) gives the embedded engine's metrics.
+
+Both engines run the same server stages and client function; the only numeric difference left is
+torch's thread count, which changes the order of float reductions in training: Ray runs each client
+with `flower.num_cpus` threads (1 here), so the embedded run is made with one thread too. With
+different thread counts the losses agree to ~1e-4 and a retrieval rank can flip (README).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mmfed.cli import compose, main
+from mmfed.federation.run import train
+
+pytestmark = pytest.mark.slow
+TINY = ["experiment=smoke", "quiet=true", "flower.num_cpus=1"]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("wall_seconds")
+    return records
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.pop("wall_seconds")
+    return summary
+
+
+def test_flower_simulation_gives_the_embedded_metrics(tmp_path: Path, one_thread: None) -> None:
+    train(compose([*TINY, f"run_dir={tmp_path / 'embedded'}"]))
+    assert main(["train", *TINY, "engine=flower", f"run_dir={tmp_path / 'flower'}"]) == 0
+
+    flower, embedded = _summary(tmp_path / "flower"), _summary(tmp_path / "embedded")
+    assert _close(flower, embedded), (flower, embedded)
+    records = _records(tmp_path / "flower")
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(r["failures"] == [] and r["clients"] == 3.0 for r in records)
+    assert {"train/image/loss", "train/text/loss", "train/paired/loss"} <= records[-1].keys()
+    for mine, theirs in zip(records, _records(tmp_path / "embedded"), strict=True):
+        assert mine.keys() == theirs.keys()
+        assert _close(mine, theirs), (mine, theirs)
+    for name in ("config.yaml", "partition.json", "checkpoints/best.pt", "plots/rsum.png"):
+        assert (tmp_path / "flower" / name).exists(), name
+
+
+def _close(a: Any, b: Any) -> bool:
+    """Equal structure; numbers within float tolerance (1e-6 relative)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return a == pytest.approx(b, rel=1e-6, abs=1e-9)
+    return a == b
