@@ -112,15 +112,15 @@ def test_a_client_no_node_hosts_is_a_failure_and_min_replies_decides(tmp_path: P
         run_on_grid([*overrides, f"run_dir={tmp_path / 'all'}"], grid)
     run_on_grid([*overrides, "min_replies=2", f"run_dir={tmp_path / 'two'}"], LocalGrid(grid_configs(grid)))
     (record,) = _records(tmp_path / "two")
-    assert record["failures"] == [
-        {
-            "round": 1,
-            "stage": "fit",
-            "cid": "text-0",
-            "node": "none",
-            "error": "no connected SuperNode hosts this client",
-        }
-    ]
+    (failure,) = record["failures"]
+    assert {k: failure[k] for k in ("round", "stage", "cid", "node")} == {
+        "round": 1,
+        "stage": "fit",
+        "cid": "text-0",
+        "node": "none",
+    }
+    assert failure["error"].startswith("no connected SuperNode hosts this client; SuperNode 1001: ")
+    assert "NodeConfigError" in failure["error"] and "--node-config" in failure["error"]
     assert "train/text/loss" not in record and "train/paired/loss" in record
 
 

@@ -53,13 +53,19 @@ class FlowerEngine:
     """
 
     def __init__(
-        self, federation: str, settings: FlowerSettings, client_timeout: float | None = None
+        self,
+        federation: str,
+        settings: FlowerSettings,
+        client_timeout: float | None = None,
+        expected_nodes: int | None = None,
     ) -> None:
         self.federation, self.settings = federation, settings
         self.client_timeout = check_timeout(client_timeout)
+        self.expected_nodes = expected_nodes  # known in a simulation: stop waiting once all answered
         self.grid: Grid | None = None
         self.failures: list[ClientFailure] = []
         self._hosted: dict[int, list[str]] = {}  # node id -> client ids it hosts
+        self._node_errors: dict[int, str] = {}  # why a node hosts nothing (its error reply)
         self._complete_once = False
 
     @classmethod
@@ -68,19 +74,21 @@ class FlowerEngine:
         settings: FlowerSettings = instantiate(cfg.flower, "flower")
         return cls(OmegaConf.to_yaml(cfg, resolve=True), settings, cfg.client_timeout)
 
-    def bind(self, grid: Grid) -> None:
-        self.grid = grid
-        self._hosted, self._complete_once = {}, False
+    def bind(self, grid: Grid, expected_nodes: int | None = None) -> None:
+        self.grid, self.expected_nodes = grid, expected_nodes
+        self._hosted, self._node_errors, self._complete_once = {}, {}, False
 
     # ----------------------------------------------------------------- nodes
     def _query_hosts(self, grid: Grid, node_ids: list[int]) -> None:
-        content = RecordDict({META: ConfigRecord({"federation": self.federation})})
-        messages = [Message(content, node, QUERY_HOSTS, group_id="hosts") for node in node_ids]
+        messages = [
+            Message(RecordDict({META: ConfigRecord({"federation": self.federation})}), node, QUERY_HOSTS)
+            for node in node_ids
+        ]
         answered = self._exchange(grid, messages, time.monotonic() + self.settings.connect_timeout)
         for node, (reply, error) in zip(node_ids, answered, strict=True):
             if reply is None:  # it hosts nothing for this run (and is not asked again)
                 log.warning("SuperNode %d did not say which clients it hosts: %s", node, error)
-                self._hosted[node] = []
+                self._hosted[node], self._node_errors[node] = [], error
                 continue
             self._hosted[node] = json.loads(str(reply.content[META]["cids"]))
             log.info("SuperNode %d hosts %s", node, ", ".join(self._hosted[node]) or "no client")
@@ -111,7 +119,8 @@ class FlowerEngine:
             if all(cid in where for cid in cids):
                 self._complete_once = True
                 return where
-            if self._complete_once or time.monotonic() > deadline:
+            everyone = self.expected_nodes is not None and len(self._hosted) >= self.expected_nodes
+            if everyone or self._complete_once or time.monotonic() > deadline:
                 return where
             time.sleep(max(self.settings.poll_interval, 0.5))
 
@@ -153,7 +162,8 @@ class FlowerEngine:
         messages: list[Message] = []
         for cid, payload in payloads.items():
             if cid not in where:
-                self._fail(round_, stage, cid, None, "no connected SuperNode hosts this client")
+                said = "".join(f"; SuperNode {n}: {e}" for n, e in list(self._node_errors.items())[:1])
+                self._fail(round_, stage, cid, None, f"no connected SuperNode hosts this client{said}")
                 continue
             content = payload_to_records(payload, cid, self.federation)
             messages.append(Message(content, where[cid], message_type(stage), group_id=str(round_)))

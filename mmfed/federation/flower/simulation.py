@@ -37,18 +37,23 @@ def simulate(run: Run) -> dict[str, Any]:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         del context  # everything comes from the Run
-        engine.bind(grid)
+        engine.bind(grid, expected_nodes=len(run.clients))
         result["summary"] = run.train()
 
-    if run.quiet:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=len(run.clients),
-        backend_config=engine.settings.backend_config(),  # type: ignore[arg-type]
-        verbose_logging=engine.settings.verbose,
-    )
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    if run.quiet:  # Flower's INFO lines and its notice that run_simulation is deprecated
+        flwr_log.setLevel(logging.ERROR)
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=len(run.clients),
+            backend_config=engine.settings.backend_config(),  # type: ignore[arg-type]
+            verbose_logging=engine.settings.verbose,
+        )
+    finally:
+        flwr_log.setLevel(level)
     if "summary" not in result:
         raise FlowerSetupError("the Flower simulation stopped before the run finished (see Flower's log)")
     return result["summary"]
