@@ -89,7 +89,8 @@ def encoder_kind(tower: Tower) -> str:
             if type(tower.encoder) is cls:
                 return name
     raise ValueError(
-        f"encoder {type(tower.encoder).__name__} is not a registered encoder: give target_modules explicitly"
+        f"encoder {type(tower.encoder).__name__} is not a registered encoder: "
+        "set image_target_modules / text_target_modules"
     )
 
 

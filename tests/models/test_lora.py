@@ -358,3 +358,31 @@ def test_saved_adapters_reload_onto_the_base_tower_exactly(
         assert torch.equal(encode(model, part, raw), encode(loaded, part, raw))
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapted_tower(copy.deepcopy(pristine), tmp_path / "missing")
+
+
+def test_peft_attention_lora_is_in_proj_plus_twice_the_out_proj_delta() -> None:
+    """Pins what a saved attention adapter means with peft 0.21: W_in + dW_in, W_out + 2 dW_out
+    (huggingface/peft#3774). If peft changes this, saved adapters change meaning: re-check."""
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model, reference = Attention(), Attention()
+    reference.load_state_dict(model.state_dict())
+    adapted = get_peft_model(model, LoraConfig(r=2, lora_alpha=2, target_modules=["attn"]))
+    randomize_adapters(adapted)
+    layer = adapted.base_model.model.attn
+    out = layer.base_layer.out_proj
+    with torch.no_grad():
+        reference.attn.in_proj_weight += layer.get_delta_weight("default")
+        reference.attn.out_proj.weight += 2 * out.get_delta_weight("default")
+        x = torch.randn(2, 5, 8)
+        assert torch.allclose(adapted(x), reference(x), atol=1e-4)
