@@ -61,11 +61,16 @@ class Reply(Message):
 
 
 def encode_tensors(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """Cast floating tensors to the transport dtype (integers travel as they are), detached, on CPU."""
+    """Copies of the tensors as sent: floating ones cast to the transport dtype, all on CPU.
+
+    Always a copy (``copy=True``): a message is a snapshot. Without it a float32 CPU parameter
+    would travel as the parameter itself, and a later update of the (pooled) model would silently
+    change a reply already handed to the server.
+    """
     if dtype not in TRANSPORT_DTYPES:
         raise ValueError(f"transport_dtype={dtype!r} is not one of {', '.join(TRANSPORT_DTYPES)}")
     target = TRANSPORT_DTYPES[dtype]
     return {
-        name: (t.detach().to("cpu", target) if t.is_floating_point() else t.detach().cpu()).contiguous()
+        name: t.detach().to("cpu", target if t.is_floating_point() else t.dtype, copy=True).contiguous()
         for name, t in tensors.items()
     }
