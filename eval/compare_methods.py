@@ -80,7 +80,8 @@ def main() -> None:
     runs = args.out / "runs"
     lines = [
         f"Synthetic world, experiment `compare` (3 image + 3 text + 3 paired clients, 3,000 training rows, "
-        f"5 rounds x 1 local epoch, 600 public pairs), test split 1,000 images x 5 captions; seeds {args.seeds}; "
+        f"5 rounds x 1 local epoch, 600 public pairs), test split 1,000 images x 5 captions; "
+        f"seeds {args.seeds}; "
         "mean ± std over seeds. 'global': the server model; 'clients': each client's own model on its "
         "local test split, averaged over clients of that kind.",
         "",
