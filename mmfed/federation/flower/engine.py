@@ -142,7 +142,8 @@ class FlowerEngine:
                 if index is None:
                     continue
                 if reply.has_error():
-                    results[index] = (None, reply.error.reason.strip().splitlines()[-1] or "error reply")
+                    lines = reply.error.reason.strip().splitlines() or [f"error code {reply.error.code}"]
+                    results[index] = (None, lines[-1])
                 else:
                     results[index] = (reply, "")
             if pending:
