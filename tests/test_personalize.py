@@ -88,7 +88,7 @@ def test_personalize_run_writes_summary_adapters_sizes_and_plot(run_dir: Path) -
 def test_saved_adapters_on_the_global_model_reproduce_the_personalized_predictions(
     run_dir: Path, tmp_path: Path, cid: str
 ) -> None:
-    settings, _ = settings_from(["epochs=2", "lr=0.01"])
+    settings, _ = settings_from(["epochs=1", "lr=0.01"])
     personalizer, federation = Personalizer.from_run(run_dir, settings)
     app = federation.client_app(cid)
     row, trained = personalizer.client(app.spec, app.data, app.test_data, tmp_path / cid)

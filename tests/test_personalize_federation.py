@@ -111,7 +111,8 @@ def test_tiny_federation_with_personal_adapters_runs_end_to_end(tmp_path: Path) 
 
     cfg = compose(
         ["experiment=smoke", "quiet=true", "model/lora=default", "model.lora.rank=2", "rounds=1",
-         "training.max_steps=2", "layout.text=0", "name=e2e", f"run_dir={tmp_path / 'run'}"]
+         "training.max_steps=2", "layout.text=0", "layout.paired=0", "name=e2e",
+         f"run_dir={tmp_path / 'run'}"]
     )  # fmt: skip
     summary = train(cfg)
     assert "local/image/classification/image/acc/mean" in summary  # clients evaluate with their own head
