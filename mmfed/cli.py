@@ -102,6 +102,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _personalize(args: argparse.Namespace) -> int:
+    from mmfed.personalize import OUT, format_summary, personalize_run
+
+    summary = personalize_run(args.run_dir, args.overrides)
+    print(format_summary(summary))
+    print(f"saved {Path(args.run_dir) / OUT}")
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -133,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size=N, backend=auto|torch|faiss, device=..., quiet=true, data.<key>=VALUE",
     )
     evaluate.set_defaults(run=_eval)
+    personalize = commands.add_parser(
+        "personalize", help="per-client LoRA adapters + head on a finished run: global vs personalized"
+    )
+    personalize.add_argument("run_dir")
+    personalize.add_argument(
+        "overrides", nargs="*", help="personalize.* keys, e.g. epochs=5 lr=3e-3 rank=8 clients=[image-0]"
+    )
+    personalize.set_defaults(run=_personalize)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
