@@ -27,7 +27,9 @@ GLOBAL_TEXT = "public/global_text"  # [N, D]: ... and text features
 REPR_IMAGE = "repr/image"  # reply [N, D]: a client's own image features of the public sample
 REPR_TEXT = "repr/text"  # reply [N, D]
 
-Batch = dict[str, Any]  # images uint8 [B,3,H,W] | captions list[str] | image_labels / text_labels int64 [B]
+# ids list[str] (stable sample ids) | images uint8 [B,3,H,W] | captions list[str] | caption_index int64 [B]
+# | image_labels / text_labels int64 [B] | public_positions int64 [P] (rows of the round's public sample)
+Batch = dict[str, Any]
 Outputs = dict[str, torch.Tensor]  # image_emb / text_emb [B, D]; public_image_emb / public_text_emb [P, D]
 
 

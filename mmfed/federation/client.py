@@ -94,13 +94,15 @@ class ClientData:
         for start, stop in zip(starts, [*starts[1:], len(order)], strict=True):
             idx = order[start:stop]
             rows = torch.from_numpy(idx)
-            batch: Batch = {}
+            batch: Batch = {"ids": [split.ids[i] for i in idx]}  # stable sample ids: teacher caches key on them
             if self.kind in ("image", "paired"):
                 batch["images"] = split.images[rows]  # uint8 [B, 3, H, W]
                 if split.image_labels is not None:
                     batch["image_labels"] = split.image_labels[rows]
             if self.kind in ("text", "paired"):
-                batch["captions"] = [split.captions[i][rng.integers(len(split.captions[i]))] for i in idx]
+                which = [int(rng.integers(len(split.captions[i]))) for i in idx]
+                batch["caption_index"] = torch.tensor(which, dtype=torch.int64)  # which caption of each row
+                batch["captions"] = [split.captions[i][c] for i, c in zip(idx, which, strict=True)]
                 if split.text_labels is not None:
                     batch["text_labels"] = split.text_labels[rows]
             yield batch
