@@ -1,5 +1,5 @@
 """The `mmfed` command: ``mmfed train [key=value ...]``, ``mmfed report RUN_DIR``,
-``mmfed eval RUN_DIR protocol=NAME``.
+``mmfed eval RUN_DIR protocol=NAME``, ``mmfed personalize RUN_DIR``, ``mmfed teacher pretrain|extract``.
 
 Configs are composed with Hydra's compose API from ``configs/`` (the repository's, or --config-dir)
 plus the structured configs every component registers. Any error in the config or the input is
@@ -111,6 +111,19 @@ def _personalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher(args: argparse.Namespace) -> int:
+    if args.action == "pretrain":
+        from mmfed.teacher.pretrain import format_result, pretrain_from_overrides
+
+        print(format_result(pretrain_from_overrides(args.overrides, quiet=args.quiet)))
+    else:
+        from mmfed.teacher.features import extract_from_overrides, format_extraction
+
+        cfg = compose(args.overrides, args.config_dir)
+        print(format_extraction(extract_from_overrides(cfg, quiet=args.quiet)))
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -150,6 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="personalize.* keys, e.g. epochs=5 lr=3e-3 rank=8 clients=[image-0]"
     )
     personalize.set_defaults(run=_personalize)
+    teacher = commands.add_parser(
+        "teacher", help="the frozen diffusion teacher: pretrain a small one, or extract features into the cache"
+    )
+    teacher.add_argument("action", choices=("pretrain", "extract"))
+    teacher.add_argument(
+        "overrides",
+        nargs="*",
+        help="pretrain: out=FOLDER minutes=N seed=N ...; extract: the train config's keys plus "
+        "teacher_extract.split=public|train|val|test teacher_extract.features=[text,image,...]",
+    )
+    teacher.add_argument("--quiet", action="store_true", help="no progress bars")
+    teacher.set_defaults(run=_teacher)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
