@@ -44,6 +44,8 @@ class ClientRound:
     model: MultimodalModel
     state: dict[str, Any] = field(default_factory=dict)  # this term's personal state from earlier rounds
     seed: int = 0
+    image_classes: list[str] = field(default_factory=list)  # class names of the client's labels (prompts)
+    text_classes: list[str] = field(default_factory=list)
 
 
 class LossTerm(nn.Module):

@@ -202,6 +202,8 @@ class ClientApp:
                         model,
                         state.get(name, {}),
                         self.seed,
+                        self.data.split.image_classes,
+                        self.data.split.text_classes,
                     )
                 )
                 terms[name] = term
