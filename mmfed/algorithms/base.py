@@ -108,3 +108,24 @@ class ServerStep:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state
+
+
+def draw_public_sample(round_: ServerRound, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """This round's public sample: `count` distinct rows (seeded by round), one caption of each.
+
+    Returns (row indices int64 [N], caption choices int64 [N], the chosen caption texts). Steps that
+    send public data to clients use it, so their samples are drawn the same way.
+    """
+    from mmfed.utils.seeding import numpy_rng
+
+    public = round_.public
+    if public is None or public.images is None or public.captions is None:
+        raise ValueError("this server step needs paired public data (the data source's 'public' split)")
+    rng = numpy_rng(round_.seed, "public-sample", round_.round)
+    count = min(count, len(public))
+    indices = torch.from_numpy(rng.choice(len(public), count, replace=False)).long()
+    captions = torch.from_numpy(rng.integers(0, 1 << 30, count)).long()
+    texts = [
+        public.captions[r][c % len(public.captions[r])] for r, c in zip(indices.tolist(), captions.tolist(), strict=True)
+    ]
+    return indices, captions, texts

@@ -36,6 +36,7 @@ from mmfed.algorithms.base import (
     REPR_TEXT,
     ServerRound,
     ServerStep,
+    draw_public_sample,
 )
 from mmfed.algorithms.task import clip_loss
 from mmfed.config import check_choice, check_positive, register
@@ -131,14 +132,8 @@ class EnsembleDistillation(ServerStep):
         public = round_.public
         if public is None or public.images is None or public.captions is None:
             raise ValueError("ensemble_distill needs paired public data (the data source's 'public' split)")
-        rng = numpy_rng(round_.seed, "public-sample", round_.round)
-        count = min(self.public_per_round, len(public))
-        indices = torch.from_numpy(rng.choice(len(public), count, replace=False)).long()
-        captions = torch.from_numpy(rng.integers(0, 1 << 30, count)).long()
-        texts = [
-            public.captions[r][c % len(public.captions[r])]
-            for r, c in zip(indices.tolist(), captions.tolist(), strict=True)
-        ]
+        indices, captions, texts = draw_public_sample(round_, self.public_per_round)
+        count = len(indices)
         model = round_.global_model
         was_training = model.training
         model.eval()
