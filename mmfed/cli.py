@@ -41,6 +41,7 @@ def compose(overrides: list[str], config_path: str | None = None) -> DictConfig:
     import mmfed.federation.client  # noqa: F401
     import mmfed.federation.flower.settings  # noqa: F401  (the `flower` group; no flwr import)
     import mmfed.models.encoders  # noqa: F401
+    import mmfed.teacher.model  # noqa: F401  (the `teacher` group)
     from mmfed.config import ConfigError
 
     GlobalHydra.instance().clear()
@@ -115,12 +116,15 @@ def _teacher(args: argparse.Namespace) -> int:
     if args.action == "pretrain":
         from mmfed.teacher.pretrain import format_result, pretrain_from_overrides
 
-        print(format_result(pretrain_from_overrides(args.overrides, quiet=args.quiet)))
+        quiet = any(o.lower() in ("quiet=true", "quiet=1") for o in args.overrides)
+        overrides = [o for o in args.overrides if not o.startswith("quiet=")]
+        print(format_result(pretrain_from_overrides(overrides, quiet=quiet)))
     else:
-        from mmfed.teacher.features import extract_from_overrides, format_extraction
+        from mmfed.teacher.features import extract_from_overrides, format_extraction, split_extract_options
 
-        cfg = compose(args.overrides, args.config_dir)
-        print(format_extraction(extract_from_overrides(cfg, quiet=args.quiet)))
+        options, overrides = split_extract_options(args.overrides)
+        cfg = compose(overrides, args.config_dir)
+        print(format_extraction(extract_from_overrides(cfg, options)))
     return 0
 
 
@@ -164,16 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     personalize.set_defaults(run=_personalize)
     teacher = commands.add_parser(
-        "teacher", help="the frozen diffusion teacher: pretrain a small one, or extract features into the cache"
+        "teacher", help="the frozen diffusion teacher: pretrain a small one, or fill the feature cache"
     )
     teacher.add_argument("action", choices=("pretrain", "extract"))
     teacher.add_argument(
         "overrides",
         nargs="*",
-        help="pretrain: out=FOLDER minutes=N seed=N ...; extract: the train config's keys plus "
-        "teacher_extract.split=public|train|val|test teacher_extract.features=[text,image,...]",
+        help="pretrain: out=FOLDER minutes=N seed=N quiet=true ...; extract: split=public|train|val|test "
+        "features=text,image,image_classes,latents,prompts plus the train config's keys (data.*, teacher.*, "
+        "quiet=true)",
     )
-    teacher.add_argument("--quiet", action="store_true", help="no progress bars")
     teacher.set_defaults(run=_teacher)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -95,6 +95,20 @@ def register(group: str, name: str) -> Callable[[type[T]], type[T]]:
     return decorate
 
 
+def config_digest(node: Any) -> str:
+    """A short stable digest of a config node: ``${digest:${data}}`` names a dataset config in a string
+    (e.g. for teacher caches keyed by sample id) without handing the node to `instantiate`."""
+    import hashlib
+    import json
+
+    text = json.dumps(to_container(node), sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+if not OmegaConf.has_resolver("digest"):
+    OmegaConf.register_new_resolver("digest", config_digest)
+
+
 def registered(group: str) -> dict[str, type]:
     return dict(REGISTRY.get(group, {}))
 

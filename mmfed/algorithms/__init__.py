@@ -3,4 +3,15 @@
 Importing this package registers every part, so configs can name them.
 """
 
-from mmfed.algorithms import creamfl, distill, fedafd, fedavg, moon, prox, task  # noqa: F401  (registration)
+from mmfed.algorithms import (  # noqa: F401  (registration)
+    creamfl,
+    distill,
+    fedafd,
+    fedavg,
+    feddifrc,
+    moon,
+    prox,
+    semanticfl,
+    task,
+    teacher_space,
+)

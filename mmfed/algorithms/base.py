@@ -126,6 +126,7 @@ def draw_public_sample(round_: ServerRound, count: int) -> tuple[torch.Tensor, t
     indices = torch.from_numpy(rng.choice(len(public), count, replace=False)).long()
     captions = torch.from_numpy(rng.integers(0, 1 << 30, count)).long()
     texts = [
-        public.captions[r][c % len(public.captions[r])] for r, c in zip(indices.tolist(), captions.tolist(), strict=True)
+        public.captions[r][c % len(public.captions[r])]
+        for r, c in zip(indices.tolist(), captions.tolist(), strict=True)
     ]
     return indices, captions, texts

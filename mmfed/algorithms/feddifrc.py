@@ -1,0 +1,220 @@
+"""FedDifRC's two client terms: text-driven diffusion contrastive learning (TDCL) and noise-driven
+diffusion consistency regularisation (NDCR).
+
+**TDCL.** For a labelled sample x with class y, the teacher makes one representation per class
+prompt p_c = template(c): r_c(x), the pooled U-Net decoder features of x noised to timestep t and
+denoised under p_c (images), or the text encoder's embedding of p_c (texts). All are mapped into the
+shared latent space (`TeacherView`). With z the local embedding and tau the temperature:
+
+    L_TDCL = - log( exp(cos(z, r_y) / tau) / sum_{c in {y} u N(x)} exp(cos(z, r_c) / tau) )
+
+N(x) are the other classes (all C-1, or `negatives` of them drawn per sample). Each sample's
+negatives are *its own* representations under the other prompts, never another sample's. Computed
+as ``logits - logsumexp(logits)``, which is stable in fp16.
+
+Two modes. *cached* (default): r_c(x) does not depend on the local model, so it is computed once
+per (sample, class) and read from the teacher cache every later step and round. *conditioned*: the
+local feature z, mapped back into the text-embedding space, is added to the prompt's token
+embeddings before the U-Net runs, so r_c depends on z and is recomputed every step, with gradients
+through the frozen U-Net: C (or 1 + negatives) U-Net passes per sample per step, the expensive option.
+
+**NDCR.** The local embedding is pulled towards the teacher's representation of the same sample:
+the denoising representation at timestep t (images; prompt from `teacher.condition`) or the text
+encoder's embedding of the caption (texts); ``distance=cosine`` (1 - cos) or ``l2`` (squared error;
+the maps are scaled so teacher features have unit mean norm).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mmfed.algorithms.base import Batch, ClientRound, LossTerm, Outputs
+from mmfed.algorithms.teacher_space import TeacherView, normalized
+from mmfed.config import check_choice, check_positive, register
+from mmfed.models.multimodal import MultimodalModel
+from mmfed.teacher.features import caption_key
+from mmfed.utils.seeding import torch_generator
+
+MODES = ("cached", "conditioned")
+DISTANCES = ("cosine", "l2")
+MODALITIES = ("image", "text")
+
+
+def tdcl_loss(z: torch.Tensor, reps: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-sample InfoNCE over candidates: z [B, D], reps [B, K, D] (sample i's own candidates),
+    target [B] (which candidate is the positive) -> mean loss. Log-sum-exp form; cosines in z's dtype."""
+    logits = (normalized(z)[:, None, :] * normalized(reps)).sum(-1).to(z.dtype) / temperature  # [B, K]
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    return -log_prob.gather(1, target[:, None]).mean()
+
+
+def candidate_classes(
+    labels: torch.Tensor, num_classes: int, negatives: int | None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """[B, 1 + k] class indices per sample: its label first, then k distinct other classes
+    (all C - 1 when `negatives` is None or >= C - 1, in class order)."""
+    count = len(labels)
+    others = torch.arange(num_classes).expand(count, num_classes)
+    others = others[others != labels[:, None]].view(count, num_classes - 1)  # [B, C-1], label removed
+    if negatives is not None and negatives < num_classes - 1:
+        scores = torch.rand(count, num_classes - 1, generator=generator)
+        others = others.gather(1, scores.argsort(dim=1)[:, :negatives])
+    return torch.cat([labels[:, None], others], dim=1)
+
+
+def consistency_loss(z: torch.Tensor, target: torch.Tensor, distance: str) -> torch.Tensor:
+    """NDCR distance between local embeddings [B, D] and teacher targets [B, D]."""
+    if distance == "cosine":
+        return (1 - (normalized(z) * normalized(target)).sum(-1)).mean()
+    return F.mse_loss(z.float(), target.float(), reduction="none").sum(-1).mean()
+
+
+class _TeacherTerm(LossTerm):
+    """Shared plumbing: which modalities, the teacher view, the client's class names."""
+
+    def __init__(
+        self,
+        weight: float,
+        modalities: list[str],
+        teacher: Any,
+        data: str,
+    ) -> None:
+        super().__init__(weight)
+        for modality in modalities:
+            check_choice("modalities", modality, MODALITIES)
+        if not modalities:
+            raise ValueError("modalities must name at least one of image, text")
+        self.modalities = tuple(modalities)
+        self.teacher_cfg, self.data_cfg = teacher, data
+        self.view: TeacherView | None = None
+
+    def applies_to(self, kind: str, model: MultimodalModel) -> bool:
+        uses = {"image": ("image", "paired"), "text": ("text", "paired")}
+        return self.weight > 0 and any(kind in uses[m] for m in self.modalities)
+
+    def begin(self, round_: ClientRound) -> None:
+        self.view = TeacherView(round_, self.teacher_cfg, self.data_cfg)
+        self.kind = round_.kind
+
+    def _sides(self, batch: Batch, out: Outputs) -> list[str]:
+        present = {"image": "image_emb" in out, "text": "text_emb" in out}
+        return [m for m in self.modalities if present[m]]
+
+
+@register("loss_term", "tdcl")
+class TextDrivenContrastive(_TeacherTerm):
+    def __init__(
+        self,
+        weight: float = 1.0,
+        temperature: float = 0.1,
+        negatives: int | None = None,  # negative classes per sample (None: all C - 1)
+        mode: str = "cached",
+        condition_scale: float = 1.0,  # conditioned mode: weight of the local feature added to the prompt
+        modalities: list[str] = ("image", "text"),
+        teacher: Any = None,
+        data: str = "",
+    ) -> None:
+        super().__init__(weight, list(modalities), teacher, data)
+        check_positive("temperature", temperature)
+        check_choice("mode", mode, MODES)
+        if negatives is not None:
+            check_positive("negatives", negatives)
+        self.temperature, self.negatives, self.mode, self.condition_scale = (
+            temperature,
+            negatives,
+            mode,
+            condition_scale,
+        )
+        self._prompt_tokens: torch.Tensor | None = None
+
+    def begin(self, round_: ClientRound) -> None:
+        super().begin(round_)
+        self._generator = torch_generator(round_.seed, "tdcl-negatives", round_.round, round_.cid)
+
+    def forward(self, batch: Batch, out: Outputs, model: MultimodalModel) -> dict[str, torch.Tensor]:
+        assert self.view is not None
+        losses: dict[str, torch.Tensor] = {}
+        for side in self._sides(batch, out):
+            labels = batch.get(f"{side}_labels")
+            classes = self.view.image_classes if side == "image" else self.view.text_classes
+            if labels is None or len(classes) < 2:
+                continue  # unlabelled data (e.g. paired captions without text labels): nothing to contrast
+            z = out[f"{side}_emb"]
+            candidates = candidate_classes(
+                labels.cpu(), len(classes), self.negatives, self._generator
+            )  # [B, K]
+            if side == "text":
+                prompts = self.view.text(self.view.features.prompts(classes))  # [C, D]
+                reps = prompts[candidates]  # [B, K, D]
+            elif self.mode == "cached":
+                every = self.view.features.images_per_class(
+                    batch["ids"], batch["images"].cpu(), classes
+                )  # [B,C,F]
+                reps = self.view.image(every.gather(1, candidates[..., None].expand(-1, -1, every.shape[-1])))
+            else:
+                reps = self._conditioned(batch, z, candidates, classes)
+            target = torch.zeros(len(z), dtype=torch.long, device=z.device)  # the positive is candidate 0
+            losses[f"tdcl_{side}"] = self.weight * tdcl_loss(z, reps.to(z.device), target, self.temperature)
+        return losses
+
+    def _conditioned(
+        self, batch: Batch, z: torch.Tensor, candidates: torch.Tensor, classes: list[str]
+    ) -> torch.Tensor:
+        """[B, K, D] U-Net representations under prompt tokens + the local feature (with gradients)."""
+        assert self.view is not None
+        features = self.view.features
+        teacher = features.teacher
+        prompts = [features.settings.prompt_template.format(c) for c in classes]
+        if self._prompt_tokens is None:
+            self._prompt_tokens = teacher.encode_text(prompts).tokens  # [C, L, Dt]
+        shift = (
+            self.condition_scale * self.view.text_to_teacher(z.float().cpu()) - self.view.text_mean
+        )  # [B, Dt]
+        reps = []
+        for k in range(candidates.shape[1]):
+            embeds = self._prompt_tokens[candidates[:, k]] + shift[:, None, :]  # [B, L, Dt]
+            pooled = teacher.pool(
+                teacher.unet_features(batch["images"].cpu(), batch["ids"], prompt_embeds=embeds)
+            )
+            reps.append(self.view.image(pooled.float()))
+        return torch.stack(reps, dim=1)
+
+
+@register("loss_term", "ndcr")
+class NoiseDrivenConsistency(_TeacherTerm):
+    def __init__(
+        self,
+        weight: float = 1.0,
+        distance: str = "cosine",
+        modalities: list[str] = ("image", "text"),
+        teacher: Any = None,
+        data: str = "",
+    ) -> None:
+        super().__init__(weight, list(modalities), teacher, data)
+        check_choice("distance", distance, DISTANCES)
+        self.distance = distance
+
+    def forward(self, batch: Batch, out: Outputs, model: MultimodalModel) -> dict[str, torch.Tensor]:
+        assert self.view is not None
+        losses: dict[str, torch.Tensor] = {}
+        for side in self._sides(batch, out):
+            z = out[f"{side}_emb"]
+            if side == "image":
+                captions = batch.get("captions")
+                raw = self.view.features.images(
+                    batch["ids"],
+                    batch["images"].cpu(),
+                    captions,
+                    None if captions is None else batch["caption_index"].tolist(),
+                )
+                target = self.view.image(raw)
+            else:
+                keys = [
+                    caption_key(i, int(c)) for i, c in zip(batch["ids"], batch["caption_index"], strict=True)
+                ]
+                target = self.view.text(self.view.features.texts(keys, batch["captions"]))
+            losses[f"ndcr_{side}"] = self.weight * consistency_loss(z, target.to(z.device), self.distance)
+        return losses

@@ -1,0 +1,161 @@
+"""SemanticFL: the heavy teacher work happens once, on the server; clients run no diffusion model.
+
+The server step (`semantic_anchors`) runs the teacher on the public split and on the class prompts
+(through the persistent cache, so each public row and prompt is computed once per run family),
+maps everything into the shared latent space with the teacher-space maps (teacher_space.py), and
+sends each client every round:
+- class anchors: the mapped text-encoder embeddings of the class prompts of both label sets;
+- public anchors for this round's public sample: the mapped teacher image features of each row and
+  the mapped text features of its chosen caption;
+- the maps themselves (so a client holding teacher features could map them; ours do not need to).
+
+The client term (`semantic_consistency`) adds a cross-modal contrastive consistency between its
+embeddings and these anchors: a labelled embedding against the class anchors (InfoNCE over classes,
+the positive being its own class prompt), and on the public batch each image embedding against the
+text anchors of the batch and each text embedding against the image anchors (InfoNCE, the positive
+being the same row), so both modalities are pulled into the teacher's one space.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mmfed.algorithms.base import (
+    PUBLIC_CAPTIONS,
+    PUBLIC_INDICES,
+    Batch,
+    ClientRound,
+    LossTerm,
+    Outputs,
+    ServerRound,
+    draw_public_sample,
+)
+from mmfed.algorithms.teacher_space import TeacherSpace, image_features, normalized
+from mmfed.config import check_positive, register
+from mmfed.data.layout import ClientSpec
+from mmfed.models.multimodal import MultimodalModel
+from mmfed.protocol import Payload, encode_tensors
+from mmfed.teacher.features import caption_key
+
+IMAGE_CLASS_ANCHORS = "anchors/image_classes"  # [C_img, D]
+TEXT_CLASS_ANCHORS = "anchors/text_classes"  # [C_txt, D]
+PUBLIC_IMAGE_ANCHORS = "anchors/public_image"  # [N, D]: teacher image features of the public sample
+PUBLIC_TEXT_ANCHORS = "anchors/public_text"  # [N, D]: teacher text features of its chosen captions
+
+
+@register("server_step", "semantic_anchors")
+class SemanticAnchors(TeacherSpace):
+    def __init__(
+        self,
+        teacher: Any = None,
+        data: str = "",
+        public_per_round: int = 500,
+        image_reduction: str = "ridge",
+        image_source: str = "unet",
+        fit_rows: int | None = 2000,
+        ridge: float = 1e-2,
+        image_classes: list[str] | None = None,
+        text_classes: list[str] | None = None,
+        anchor_dtype: str = "float16",
+    ) -> None:
+        super().__init__(
+            teacher, data, image_reduction, image_source, fit_rows, ridge, image_classes, text_classes
+        )
+        check_positive("public_per_round", public_per_round)
+        self.public_per_round, self.anchor_dtype = public_per_round, anchor_dtype
+        self._round: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def _anchors(self, round_: ServerRound) -> dict[str, torch.Tensor]:
+        """This round's anchors, computed once per round (the teacher features come from the cache)."""
+        if self._round is not None and self._round[0] == round_.round:
+            return self._round[1]
+        self.fit(round_)
+        assert self.text_map is not None and self.image_map is not None and round_.public is not None
+        public, feats = round_.public, self.features
+        indices, choice, texts = draw_public_sample(round_, self.public_per_round)
+        rows = indices.tolist()
+        anchors: dict[str, torch.Tensor] = {PUBLIC_INDICES: indices, PUBLIC_CAPTIONS: choice}
+        image_cls, text_cls = self.classes(public)
+        if image_cls:
+            anchors[IMAGE_CLASS_ANCHORS] = self.text_map.apply(feats.prompts(image_cls))
+        if text_cls:
+            anchors[TEXT_CLASS_ANCHORS] = self.text_map.apply(feats.prompts(text_cls))
+        anchors[PUBLIC_IMAGE_ANCHORS] = self.image_map.apply(
+            image_features(feats, self.image_source, public, rows)
+        )
+        keys = [
+            caption_key(public.ids[r], c % len(public.captions[r]))  # type: ignore[index]
+            for r, c in zip(rows, choice.tolist(), strict=True)
+        ]
+        anchors[PUBLIC_TEXT_ANCHORS] = self.text_map.apply(feats.texts(keys, texts))
+        self._round = (round_.round, anchors)
+        return anchors
+
+    def broadcast(self, round_: ServerRound, client: ClientSpec) -> Payload:
+        payload = super().broadcast(round_, client)
+        if round_.stage != "fit":
+            return payload
+        anchors = self._anchors(round_)
+        payload.tensors.update(
+            encode_tensors({k: v for k, v in anchors.items() if k.startswith("anchors/")}, self.anchor_dtype)
+        )
+        payload.tensors.update(
+            {PUBLIC_INDICES: anchors[PUBLIC_INDICES], PUBLIC_CAPTIONS: anchors[PUBLIC_CAPTIONS]}
+        )
+        return payload
+
+
+def anchor_nce(
+    z: torch.Tensor, anchors: torch.Tensor, target: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """InfoNCE of embeddings [B, D] against anchors [A, D]; target [B] indexes each one's positive anchor."""
+    logits = normalized(z) @ normalized(anchors).T / temperature  # [B, A]
+    return F.cross_entropy(logits, target)
+
+
+@register("loss_term", "semantic_consistency")
+class SemanticConsistency(LossTerm):
+    uses_public = True
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        temperature: float = 0.1,
+        class_weight: float = 1.0,  # labelled embeddings vs the class-prompt anchors
+        public_weight: float = 1.0,  # public embeddings vs the other modality's public anchors
+    ) -> None:
+        super().__init__(weight)
+        check_positive("temperature", temperature)
+        self.temperature, self.class_weight, self.public_weight = temperature, class_weight, public_weight
+
+    def begin(self, round_: ClientRound) -> None:
+        tensors = round_.payload.tensors
+        if PUBLIC_IMAGE_ANCHORS not in tensors:
+            raise ValueError(
+                "semantic_consistency needs the server step semantic_anchors in algorithm.server_steps"
+            )
+        self.anchors = {k: v.float() for k, v in tensors.items() if k.startswith("anchors/")}
+
+    def forward(self, batch: Batch, out: Outputs, model: MultimodalModel) -> dict[str, torch.Tensor]:
+        losses: dict[str, torch.Tensor] = {}
+        device = next(iter(out.values())).device
+        if self.class_weight > 0:
+            for side, key in (("image", IMAGE_CLASS_ANCHORS), ("text", TEXT_CLASS_ANCHORS)):
+                labels = batch.get(f"{side}_labels")
+                if f"{side}_emb" in out and labels is not None and key in self.anchors:
+                    loss = anchor_nce(
+                        out[f"{side}_emb"], self.anchors[key].to(device), labels, self.temperature
+                    )
+                    losses[f"semantic_class_{side}"] = self.weight * self.class_weight * loss
+        positions = batch.get("public_positions")
+        if self.public_weight > 0 and positions is not None:
+            target = torch.arange(len(positions), device=device)
+            for side, other in (("image", PUBLIC_TEXT_ANCHORS), ("text", PUBLIC_IMAGE_ANCHORS)):
+                if f"public_{side}_emb" in out:
+                    anchors = self.anchors[other][positions].to(device)
+                    loss = anchor_nce(out[f"public_{side}_emb"], anchors, target, self.temperature)
+                    losses[f"semantic_public_{side}"] = self.weight * self.public_weight * loss
+        return losses

@@ -1,0 +1,239 @@
+"""The teacher's features, mapped into the clients' shared latent space (dimension D).
+
+Two maps, fitted once on the public split by the server and shipped to clients as matrices:
+- **text**: PCA of the teacher text encoder's pooled embeddings of the public captions (and the class
+  prompts), to D dimensions;
+- **image**: U-Net decoder features (pooled per block, concatenated) or VAE latents, mapped into the
+  *same* D-dimensional text space by ridge regression onto the text PCA of each public image's
+  captions (``image_reduction=ridge``, the default), or by their own PCA (``image_reduction=pca``).
+With the ridge map, a teacher image feature and the teacher feature of its caption land near each
+other, so aligning image encoders to image features and text encoders to text features pulls both
+towards one shared space instead of two unrelated PCA bases.
+
+The maps are part of the step's state (saved in every checkpoint of the run) and are never refitted:
+a resumed run loads them. Clients read them with `TeacherView`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mmfed.algorithms.base import ClientRound, ServerRound, ServerStep
+from mmfed.config import ConfigError, check_choice, check_positive, register
+from mmfed.data.layout import ClientSpec
+from mmfed.data.samples import MultimodalSplit
+from mmfed.protocol import Payload, encode_tensors
+from mmfed.teacher.features import TeacherFeatures, caption_key, teacher_features
+from mmfed.teacher.reduce import Reduction, fit_pca, fit_ridge
+
+IMAGE_REDUCTIONS = ("ridge", "pca")
+IMAGE_SOURCES = ("unet", "latents")
+TEXT_MEAN, TEXT_MATRIX = "teacher/text_mean", "teacher/text_matrix"
+IMAGE_MEAN, IMAGE_MATRIX = "teacher/image_mean", "teacher/image_matrix"
+IMAGE_OFFSET = "teacher/image_offset"
+
+
+def image_features(
+    features: TeacherFeatures,
+    source: str,
+    split: MultimodalSplit,
+    rows: list[int],
+    progress: str | None = None,
+) -> torch.Tensor:
+    """[len(rows), F] teacher image features of `rows` of `split` (U-Net pooled, or flattened VAE latents)."""
+    ids = [split.ids[i] for i in rows]
+    images = split.images[torch.tensor(rows)]  # type: ignore[index]
+    if source == "latents":
+        return features.latents(ids, images, progress=progress)
+    if features.settings.condition == "caption":
+        caps = [split.captions[i][0] for i in rows]  # type: ignore[index]
+        return features.images(ids, images, caps, [0] * len(rows), progress=progress)
+    return features.images(ids, images, progress=progress)
+
+
+def caption_features(features: TeacherFeatures, split: MultimodalSplit, rows: list[int]) -> torch.Tensor:
+    """[len(rows), Dt]: each row's captions' pooled text embeddings, averaged over its captions."""
+    keys, texts, owner = [], [], []
+    for position, row in enumerate(rows):
+        for c, caption in enumerate(split.captions[row]):  # type: ignore[index]
+            keys.append(caption_key(split.ids[row], c))
+            texts.append(caption)
+            owner.append(position)
+    flat = features.texts(keys, texts)
+    out = torch.zeros(len(rows), flat.shape[1])
+    out.index_add_(0, torch.tensor(owner), flat)
+    return out / torch.bincount(torch.tensor(owner), minlength=len(rows)).clamp(min=1)[:, None]
+
+
+@register("server_step", "teacher_space")
+class TeacherSpace(ServerStep):
+    """Fits the teacher-to-latent maps once on public data and sends them to every client."""
+
+    uses_public = True
+
+    def __init__(
+        self,
+        teacher: Any = None,  # the run's `teacher` config (presets interpolate ${teacher})
+        data: str = "",  # ${digest:${data}}: sample ids are unique only within one data config
+        image_reduction: str = "ridge",
+        image_source: str = "unet",
+        fit_rows: int | None = 2000,  # public rows the maps are fitted on (None: all)
+        ridge: float = 1e-2,
+        image_classes: list[str] | None = None,  # class prompts also fitted into the text PCA
+        text_classes: list[str] | None = None,
+    ) -> None:
+        check_choice("image_reduction", image_reduction, IMAGE_REDUCTIONS)
+        check_choice("image_source", image_source, IMAGE_SOURCES)
+        if fit_rows is not None:
+            check_positive("fit_rows", fit_rows)
+        self.teacher_cfg, self.data_cfg = teacher, data
+        self.image_reduction, self.image_source, self.fit_rows, self.ridge = (
+            image_reduction,
+            image_source,
+            fit_rows,
+            ridge,
+        )
+        self.image_classes, self.text_classes = image_classes, text_classes
+        self.text_map: Reduction | None = None
+        self.image_map: Reduction | None = None
+        self.fit_seconds = 0.0
+        self._fitted_now = False
+        self._last_stats: dict[str, float] = {}
+
+    @property
+    def features(self) -> TeacherFeatures:
+        return teacher_features(self.teacher_cfg, self.data_cfg)
+
+    def classes(self, public: MultimodalSplit | None) -> tuple[list[str], list[str]]:
+        image = (
+            self.image_classes if self.image_classes is not None else (public.image_classes if public else [])
+        )
+        text = self.text_classes if self.text_classes is not None else (public.text_classes if public else [])
+        return list(image), list(text)
+
+    def fit(self, round_: ServerRound) -> None:
+        """Fit both maps on the public split: once per run (a resumed run loads them from its checkpoint)."""
+        if self.text_map is not None:
+            return
+        public = round_.public
+        if public is None or public.images is None or public.captions is None:
+            raise ValueError("teacher_space needs paired public data (the data source's 'public' split)")
+        started = time.perf_counter()
+        dim = _embed_dim(round_)
+        rows = list(range(len(public) if self.fit_rows is None else min(self.fit_rows, len(public))))
+        feats = self.features
+        text = caption_features(feats, public, rows)  # [N, Dt]
+        image_cls, text_cls = self.classes(public)
+        prompts = [feats.prompts(c) for c in (image_cls, text_cls) if c]
+        self.text_map = fit_pca(torch.cat([text, *prompts]), dim)
+        self.text_map = _unit_scale(self.text_map, text)
+        image = image_features(feats, self.image_source, public, rows, progress="teacher features (public)")
+        if self.image_reduction == "ridge":
+            self.image_map = fit_ridge(image, self.text_map.apply(text), ridge=self.ridge)
+        else:
+            self.image_map = _unit_scale(fit_pca(image, dim), image)
+        self.fit_seconds = time.perf_counter() - started
+        self._fitted_now = True
+
+    def broadcast(self, round_: ServerRound, client: ClientSpec) -> Payload:
+        if round_.stage != "fit":
+            return Payload()
+        self.fit(round_)
+        assert self.text_map is not None and self.image_map is not None
+        tensors = {
+            TEXT_MEAN: self.text_map.mean,
+            TEXT_MATRIX: self.text_map.matrix,
+            IMAGE_MEAN: self.image_map.mean,
+            IMAGE_MATRIX: self.image_map.matrix,
+            IMAGE_OFFSET: _offset(self.image_map),
+        }
+        return Payload(tensors=encode_tensors(tensors, "float32"))
+
+    def aggregate(self, round_: ServerRound, replies: list) -> dict[str, float]:
+        """This round's teacher work: cache hits/misses, teacher batches run, seconds computed and saved.
+
+        Counts cover every user of this process's teacher features: the server and, on the embedded
+        engine, the clients (on Flower, client processes keep their own counts).
+        """
+        now = self.features.stats() | {"forward_batches": float(self.features.forward_batches)}
+        metrics = {f"teacher/{k}": v - self._last_stats.get(k, 0.0) for k, v in now.items()}
+        self._last_stats = now
+        if self._fitted_now:
+            metrics["fit_seconds"] = self.fit_seconds
+            self._fitted_now = False
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.text_map is None or self.image_map is None:
+            return {}
+        return {"text_map": self.text_map.state_dict(), "image_map": self.image_map.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.text_map = Reduction.from_state_dict(state["text_map"])
+            self.image_map = Reduction.from_state_dict(state["image_map"])
+
+
+def _embed_dim(round_: ServerRound) -> int:
+    model = round_.global_model
+    for part in ("image_encoder", "text_encoder"):
+        if model.has(part):
+            return int(getattr(model, part).projection.out_features)
+    raise ValueError("teacher_space: the global model has no encoder to read the latent dimension from")
+
+
+def _unit_scale(reduction: Reduction, fitted_on: torch.Tensor) -> Reduction:
+    """Scale a map so that the features it was fitted on have unit mean norm (an L2 loss then has the
+    same scale whatever the teacher's feature magnitudes)."""
+    norm = reduction.apply(fitted_on).norm(dim=-1).mean().clamp(min=1e-8)
+    state = reduction.state_dict()
+    state["matrix"] = state["matrix"] / norm
+    if "offset" in state:
+        state["offset"] = state["offset"] / norm
+    return Reduction.from_state_dict(state)
+
+
+def _offset(reduction: Reduction) -> torch.Tensor:
+    offset = getattr(reduction, "offset", None)
+    return torch.zeros(reduction.matrix.shape[1]) if offset is None else offset
+
+
+class TeacherView:
+    """A client's view of the teacher space: the maps from the payload, the cached features."""
+
+    def __init__(self, round_: ClientRound, teacher: Any, data: str) -> None:
+        tensors = round_.payload.tensors
+        if TEXT_MATRIX not in tensors:
+            raise ConfigError(
+                "this loss term needs the teacher maps: add the server step teacher_space "
+                "(or semantic_anchors) to algorithm.server_steps"
+            )
+        self.text_mean, self.text_matrix = tensors[TEXT_MEAN].float(), tensors[TEXT_MATRIX].float()
+        self.image_mean, self.image_matrix = tensors[IMAGE_MEAN].float(), tensors[IMAGE_MATRIX].float()
+        self.image_offset = tensors[IMAGE_OFFSET].float()
+        self.features = teacher_features(teacher, data)
+        self.image_classes, self.text_classes = round_.image_classes, round_.text_classes
+
+    def text(self, raw: torch.Tensor) -> torch.Tensor:
+        """[..., Dt] teacher text features -> [..., D]."""
+        return (raw.to(self.text_matrix) - self.text_mean) @ self.text_matrix
+
+    def image(self, raw: torch.Tensor) -> torch.Tensor:
+        """[..., F] teacher image features -> [..., D] (the same space as `text`)."""
+        return (raw.to(self.image_matrix) - self.image_mean) @ self.image_matrix + self.image_offset
+
+    def text_to_teacher(self, latent: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., Dt]: the inverse of the text PCA (its transpose), for conditioning prompts on
+        a local feature (TDCL conditioned mode)."""
+        return (
+            latent @ self.text_matrix.T / (self.text_matrix.norm(dim=0) ** 2).clamp(min=1e-12)
+            + self.text_mean
+        )
+
+
+def normalized(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)

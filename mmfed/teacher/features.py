@@ -1,0 +1,342 @@
+"""What guided algorithms read from the teacher: cached features of samples, prompts and captions.
+
+`TeacherFeatures` joins the frozen teacher (model.py) and the persistent cache (cache.py): every call
+looks its keys up first and runs the teacher only on misses, one batch at a time, committing each
+batch to disk. A warm cache therefore costs no teacher forward pass and not even a teacher load
+(the teacher is loaded lazily, on the first miss).
+
+Keys: a sample id (plus ``#c`` for caption c, ``|class=k`` for class prompt k). Sample ids are stable
+within a dataset, not across datasets (the synthetic world names rows ``syn-train-000001`` whatever
+its seed), so every sample-keyed cache's fingerprint includes a digest of the data config.
+
+`mmfed teacher extract` (``extract_from_overrides``) fills the cache for one split ahead of training.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mmfed.config import ConfigError, check_choice
+from mmfed.data.samples import MultimodalSplit
+from mmfed.teacher.cache import FeatureCache, fingerprint_digest
+from mmfed.teacher.model import StableDiffusionTeacher, TeacherSettings, get_teacher, mmfed_home
+
+FEATURE_KINDS = ("text", "prompts", "image", "image_classes", "latents")
+
+
+def caption_key(sample_id: str, caption: int) -> str:
+    return f"{sample_id}#{caption}"
+
+
+def class_key(sample_id: str, label: int) -> str:
+    return f"{sample_id}|class={label}"
+
+
+def settings_from(teacher: Mapping[str, Any] | TeacherSettings | None) -> TeacherSettings:
+    """`TeacherSettings` from a config mapping (a term's ``teacher: ${teacher}``) or None (defaults)."""
+    if isinstance(teacher, TeacherSettings):
+        return teacher
+    values = dict(
+        OmegaConf.to_container(teacher, resolve=True) if isinstance(teacher, DictConfig) else teacher or {}
+    )
+    values.pop("_target_", None)
+    try:
+        return TeacherSettings(**values)
+    except TypeError as error:
+        raise ConfigError(f"teacher: {error}") from error
+
+
+class TeacherFeatures:
+    """Cached teacher features; the teacher itself is loaded only when a key is missing."""
+
+    def __init__(self, settings: TeacherSettings, data: str = "") -> None:
+        self.settings = settings
+        self.data_digest = data  # `config_digest` of the data config the sample ids belong to
+        self._teacher: StableDiffusionTeacher | None = None
+        self._caches: dict[str, FeatureCache] = {}
+        self.forward_batches = 0  # teacher forward passes run by this object (0 on a warm cache)
+        self._identity: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def teacher(self) -> StableDiffusionTeacher:
+        if self._teacher is None:
+            self._teacher = get_teacher(self.settings)
+        return self._teacher
+
+    @property
+    def cache_root(self) -> str:
+        root = self.settings.cache_dir
+        return str(mmfed_home() / "features") if root == "default" else root
+
+    def _cache(
+        self, kind: str, extra: Mapping[str, Any] | None = None, per_sample: bool = True
+    ) -> FeatureCache:
+        """One cache folder per feature kind and fingerprint of everything that changes the features."""
+        fingerprint: dict[str, Any] = {"kind": kind, "teacher": self.teacher_identity()}
+        if kind in ("image", "image_classes"):
+            fingerprint |= self.settings.extraction_fingerprint()
+        else:  # text and latents depend on neither timestep, blocks nor noise
+            fingerprint |= {
+                k: v
+                for k, v in self.settings.extraction_fingerprint().items()
+                if k in ("dtype", "resolution", "prompt_template")
+            }
+        if per_sample:
+            fingerprint["data"] = self.data_digest
+        fingerprint |= dict(extra or {})
+        digest = fingerprint_digest(fingerprint)
+        if digest not in self._caches:
+            self._caches[digest] = FeatureCache(self.cache_root, fingerprint, name=kind)
+        return self._caches[digest]
+
+    def teacher_identity(self) -> dict[str, Any]:
+        if self._identity is None:
+            self._identity = teacher_identity(self.settings)
+        return self._identity
+
+    def _batched(self, positions: list[int], run: Any) -> torch.Tensor:
+        out = []
+        size = self.settings.batch_size
+        for start in range(0, len(positions), size):
+            out.append(run(positions[start : start + size]).float().cpu())
+            self.forward_batches += 1
+        return torch.cat(out)
+
+    def stats(self) -> dict[str, float]:
+        """Cache hits, misses and seconds, summed over every feature kind used so far."""
+        total = {"hits": 0.0, "misses": 0.0, "compute_seconds": 0.0, "saved_seconds": 0.0}
+        for cache in self._caches.values():
+            for key, value in cache.stats.as_dict().items():
+                total[key] = total.get(key, 0.0) + float(value)
+        return total
+
+    # ------------------------------------------------------------------ features
+    def texts(self, keys: Sequence[str], texts: Sequence[str], progress: str | None = None) -> torch.Tensor:
+        """Pooled text-encoder embeddings [B, Dt] of captions, keyed by `caption_key`."""
+        return self._cache("text").get(
+            list(keys),
+            lambda pos: self._batched(pos, lambda p: self.teacher.encode_text([texts[i] for i in p]).pooled),
+            progress=progress,
+        )
+
+    def prompts(self, classes: Sequence[str]) -> torch.Tensor:
+        """Pooled text-encoder embeddings [C, Dt] of the class prompts (template from the settings)."""
+        prompts = [self.settings.prompt_template.format(name) for name in classes]
+        return self._cache("prompts", per_sample=False).get(
+            prompts,
+            lambda pos: self._batched(
+                pos, lambda p: self.teacher.encode_text([prompts[i] for i in p]).pooled
+            ),
+        )
+
+    def images(
+        self,
+        ids: Sequence[str],
+        images: torch.Tensor,
+        captions: Sequence[str] | None = None,
+        caption_index: Sequence[int] | None = None,
+        progress: str | None = None,
+    ) -> torch.Tensor:
+        """Pooled U-Net decoder features [B, F] under the configured condition (empty or caption)."""
+        condition = self.settings.condition
+        if condition == "caption":
+            if captions is None or caption_index is None:
+                raise ConfigError(
+                    "teacher.condition=caption needs captions; these samples have none (image-only clients): "
+                    "use teacher.condition=empty"
+                )
+            keys = [caption_key(i, int(c)) for i, c in zip(ids, caption_index, strict=True)]
+        elif condition == "empty":
+            keys = list(ids)
+        else:
+            raise ConfigError(
+                f"teacher.condition={condition!r} is not a per-sample condition; class-prompt features are "
+                "images_per_class (TDCL)"
+            )
+
+        def run(pos: list[int]) -> torch.Tensor:
+            prompts = None if condition == "empty" else [captions[i] for i in pos]  # type: ignore[index]
+            feats = self.teacher.unet_features(images[pos], [ids[i] for i in pos], prompts=prompts)
+            return self.teacher.pool(feats)
+
+        return self._cache("image").get(keys, lambda pos: self._batched(pos, run), progress=progress)
+
+    def images_per_class(
+        self, ids: Sequence[str], images: torch.Tensor, classes: Sequence[str], progress: str | None = None
+    ) -> torch.Tensor:
+        """[B, C, F]: each image's pooled U-Net features conditioned on every class prompt (TDCL, cached)."""
+        count = len(classes)
+        if count < 2:
+            raise ConfigError(f"class-prompt features need at least 2 classes, got {list(classes)}")
+        prompts = [self.settings.prompt_template.format(name) for name in classes]
+        keys = [class_key(i, k) for i in ids for k in range(count)]  # row-major: sample, then class
+
+        def run(pos: list[int]) -> torch.Tensor:
+            rows = [p // count for p in pos]
+            feats = self.teacher.unet_features(
+                images[rows], [ids[r] for r in rows], prompts=[prompts[p % count] for p in pos]
+            )
+            return self.teacher.pool(feats)
+
+        flat = self._cache("image_classes", {"classes": list(classes)}).get(
+            keys, lambda pos: self._batched(pos, run), progress=progress
+        )
+        return flat.view(len(ids), count, -1)
+
+    def latents(self, ids: Sequence[str], images: torch.Tensor, progress: str | None = None) -> torch.Tensor:
+        """VAE posterior-mean latents, flattened [B, 4*h*w] (deterministic; no noise, no prompt)."""
+
+        def run(pos: list[int]) -> torch.Tensor:
+            return self.teacher.vae_latents(images[pos]).flatten(1)
+
+        return self._cache("latents").get(list(ids), lambda pos: self._batched(pos, run), progress=progress)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+_PROBE = 1 << 20  # bytes hashed at each end of a weight file
+
+
+def teacher_identity(settings: TeacherSettings) -> dict[str, Any]:
+    """Which weights the features come from, computed without loading them.
+
+    A local folder is identified by its config files and, per weight file, its size and a hash of
+    its first and last MiB (a re-trained teacher changes them; hashing whole multi-GB files would
+    cost more than a warm cache saves). A hub id by id and revision: pin `teacher.revision` for
+    features that must not follow a moving branch.
+    """
+    from pathlib import Path
+
+    model = settings.model
+    folder = Path(model if model != "default" else mmfed_home() / "teachers" / "synthetic-sd").expanduser()
+    identity: dict[str, Any] = {"model": str(model), "revision": settings.revision}
+    if folder.is_dir():
+        import hashlib
+
+        digest = hashlib.sha256()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = path.relative_to(folder).as_posix()
+            if path.suffix == ".json" or path.suffix == ".txt":
+                digest.update(rel.encode() + b"\0" + path.read_bytes())
+            elif path.suffix in _WEIGHT_SUFFIXES:
+                size = path.stat().st_size
+                with path.open("rb") as handle:
+                    head = handle.read(_PROBE)
+                    handle.seek(max(0, size - _PROBE))
+                    tail = handle.read(_PROBE)
+                digest.update(f"{rel}\0{size}\0".encode() + head + tail)
+        identity["files"] = digest.hexdigest()[:16]
+    return identity
+
+
+_SHARED: dict[str, TeacherFeatures] = {}
+
+
+def teacher_features(teacher: Mapping[str, Any] | TeacherSettings | None, data: str = "") -> TeacherFeatures:
+    """One `TeacherFeatures` per process and (teacher settings, data digest): loss terms are rebuilt
+    every client round, the teacher and the cache index must not be."""
+    settings = settings_from(teacher)
+    key = fingerprint_digest({"settings": vars(settings), "data": data})
+    if key not in _SHARED:
+        _SHARED[key] = TeacherFeatures(settings, data)
+    return _SHARED[key]
+
+
+# ---------------------------------------------------------------------- mmfed teacher extract
+EXTRACT_OPTIONS = {"split": "public", "features": "text,image"}
+
+
+def split_extract_options(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``split=...`` and ``features=...`` are extraction options; everything else composes the config."""
+    options, rest = dict(EXTRACT_OPTIONS), []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key in EXTRACT_OPTIONS:
+            options[key] = value.strip("[]")
+        else:
+            rest.append(item)
+    return options, rest
+
+
+def extract_split(
+    features: TeacherFeatures,
+    split: MultimodalSplit,
+    kinds: Sequence[str],
+    quiet: bool = False,
+    chunk: int = 256,
+) -> dict[str, Any]:
+    """Fill the cache with the teacher's features of every row of `split` (what is cached is skipped)."""
+    for kind in kinds:
+        check_choice("features", kind, FEATURE_KINDS)
+    started = time.perf_counter()
+    stats_before, batches_before = features.stats(), features.forward_batches
+    counts: dict[str, int] = {}
+    rows = list(range(len(split)))
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        ids = [split.ids[i] for i in part]
+        label = None if quiet else f"{split.name} rows {start}-{start + len(part) - 1}"
+        if "text" in kinds and split.captions is not None:
+            keys = [caption_key(split.ids[i], c) for i in part for c in range(len(split.captions[i]))]
+            texts = [cap for i in part for cap in split.captions[i]]
+            features.texts(keys, texts, progress=label and f"text {label}")
+            counts["text"] = counts.get("text", 0) + len(keys)
+        if split.images is None:
+            continue
+        needs_images = {"image", "image_classes", "latents"} & set(kinds)
+        images = split.images[torch.tensor(part)] if needs_images else None
+        if "image" in kinds:
+            if features.settings.condition == "caption" and split.captions is not None:
+                caps = [split.captions[i][0] for i in part]
+                features.images(ids, images, caps, [0] * len(part), progress=label and f"image {label}")
+            else:
+                features.images(ids, images, progress=label and f"image {label}")
+            counts["image"] = counts.get("image", 0) + len(part)
+        if "image_classes" in kinds and split.image_classes:
+            features.images_per_class(ids, images, split.image_classes, progress=label and f"classes {label}")
+            counts["image_classes"] = counts.get("image_classes", 0) + len(part) * len(split.image_classes)
+        if "latents" in kinds:
+            features.latents(ids, images, progress=label and f"latents {label}")
+            counts["latents"] = counts.get("latents", 0) + len(part)
+    if "prompts" in kinds:
+        for classes in (split.image_classes, split.text_classes):
+            if classes:
+                features.prompts(classes)
+                counts["prompts"] = counts.get("prompts", 0) + len(classes)
+    return {
+        "split": split.name,
+        "rows": len(split),
+        "entries": counts,
+        "seconds": time.perf_counter() - started,
+        "teacher_forward_batches": features.forward_batches - batches_before,
+        "cache": {k: v - stats_before.get(k, 0.0) for k, v in features.stats().items()},
+        "cache_root": features.cache_root,
+    }
+
+
+def extract_from_overrides(cfg: DictConfig, options: Mapping[str, str]) -> dict[str, Any]:
+    """`mmfed teacher extract`: the run config's data and teacher, one split, the requested feature kinds."""
+    from mmfed.config import config_digest, instantiate
+
+    source = instantiate(cfg.data, "data")
+    split = source.split(options["split"])
+    kinds = [k.strip() for k in options["features"].split(",") if k.strip()]
+    features = teacher_features(cfg.teacher, config_digest(cfg.data))
+    return extract_split(features, split, kinds, quiet=bool(cfg.get("quiet", False)))
+
+
+def format_extraction(result: Mapping[str, Any]) -> str:
+    cache = result["cache"]
+    entries = ", ".join(f"{k} {v}" for k, v in result["entries"].items())
+    return (
+        f"split {result['split']}: {result['rows']} rows; entries {entries}\n"
+        f"cache hits {int(cache['hits'])}, misses {int(cache['misses'])}, "
+        f"computed in {cache['compute_seconds']:.1f} s, "
+        f"saved {cache['saved_seconds']:.1f} s; teacher forward batches {result['teacher_forward_batches']}; "
+        f"wall {result['seconds']:.1f} s\ncache: {result['cache_root']}"
+    )

@@ -1,0 +1,102 @@
+"""FedDifRC's TDCL / NDCR and SemanticFL's anchor InfoNCE against hand-computed small cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmfed.algorithms.base import ClientRound
+from mmfed.algorithms.feddifrc import candidate_classes, consistency_loss, tdcl_loss
+from mmfed.algorithms.semanticfl import (
+    IMAGE_CLASS_ANCHORS,
+    PUBLIC_IMAGE_ANCHORS,
+    PUBLIC_TEXT_ANCHORS,
+    SemanticConsistency,
+    anchor_nce,
+)
+from mmfed.protocol import Payload
+
+
+def test_tdcl_matches_hand_computation() -> None:
+    z = torch.tensor([[1.0, 0.0]])
+    # candidates: positive at 0 deg, negatives at 90 and 180 deg -> cosines 1, 0, -1
+    reps = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]]])
+    tau = 0.5
+    expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(0) + math.exp(-1 / tau)))
+    got = tdcl_loss(z, reps, torch.tensor([0]), tau)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_tdcl_negatives_are_each_samples_own() -> None:
+    """The batch loss is the mean of per-sample losses: sample i's candidates are only row i of reps."""
+    torch.manual_seed(0)
+    z, reps = torch.randn(3, 4), torch.randn(3, 5, 4)
+    target = torch.tensor([0, 2, 4])
+    whole = tdcl_loss(z, reps, target, 0.2)
+    alone = [tdcl_loss(z[i : i + 1], reps[i : i + 1], target[i : i + 1], 0.2) for i in range(3)]
+    assert whole.item() == pytest.approx(torch.stack(alone).mean().item(), rel=1e-6)
+    changed = reps.clone()
+    changed[1] = torch.randn(5, 4)  # another sample's candidates do not move sample 0's loss
+    assert tdcl_loss(z[:1], changed[:1], target[:1], 0.2).item() == pytest.approx(alone[0].item())
+
+
+def test_tdcl_is_stable_in_fp16_with_a_small_temperature() -> None:
+    torch.manual_seed(1)
+    z, reps = torch.randn(8, 16), torch.randn(8, 10, 16)
+    target = torch.zeros(8, dtype=torch.long)
+    exact = tdcl_loss(z, reps, target, 0.01)
+    half = tdcl_loss(z.half(), reps.half(), target, 0.01)
+    assert torch.isfinite(half)
+    assert half.float().item() == pytest.approx(exact.item(), rel=2e-2)
+
+
+def test_candidate_classes_puts_the_label_first_and_never_repeats_it() -> None:
+    labels = torch.tensor([0, 3, 9, 5])
+    every = candidate_classes(labels, 10, None)
+    assert every.shape == (4, 10)
+    assert torch.equal(every[:, 0], labels)
+    assert torch.equal(every[1, 1:], torch.tensor([0, 1, 2, 4, 5, 6, 7, 8, 9]))  # all others, in class order
+    some = candidate_classes(labels, 10, 3, torch.Generator().manual_seed(0))
+    assert some.shape == (4, 4)
+    for row, label in zip(some, labels, strict=True):
+        assert row[0] == label and label not in row[1:] and len(set(row.tolist())) == 4
+    assert candidate_classes(labels, 10, 20).shape == (4, 10)  # more than C - 1 asked: all of them
+
+
+def test_consistency_distances() -> None:
+    z = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    target = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert consistency_loss(z, target, "cosine").item() == pytest.approx((0.0 + 1.0) / 2)
+    assert consistency_loss(z, target, "l2").item() == pytest.approx((4.0 + 2.0) / 2)
+
+
+def test_anchor_nce_hand_value() -> None:
+    z = torch.tensor([[1.0, 0.0]])
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    got = anchor_nce(z, anchors, torch.tensor([1]), 1.0)
+    assert got.item() == pytest.approx(-math.log(math.exp(0) / (math.exp(1) + math.exp(0))))
+
+
+def test_semantic_consistency_uses_class_and_public_anchors() -> None:
+    term = SemanticConsistency(weight=2.0, temperature=1.0, class_weight=1.0, public_weight=0.5)
+    anchors = {
+        IMAGE_CLASS_ANCHORS: torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+        PUBLIC_IMAGE_ANCHORS: torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
+        PUBLIC_TEXT_ANCHORS: torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]),
+    }
+    round_ = ClientRound("paired-0", "paired", 1, Payload(tensors=anchors), model=None)  # type: ignore[arg-type]
+    term.begin(round_)
+    batch = {"image_labels": torch.tensor([0]), "public_positions": torch.tensor([0, 1])}
+    out = {
+        "image_emb": torch.tensor([[1.0, 0.0]]),
+        "public_image_emb": torch.tensor([[0.0, 1.0], [1.0, 0.0]]),  # matches the *text* anchors of rows 0, 1
+        "public_text_emb": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),  # matches the *image* anchors of rows 0, 1
+    }
+    losses = term(batch, out, None)  # type: ignore[arg-type]
+    assert set(losses) == {"semantic_class_image", "semantic_public_image", "semantic_public_text"}
+    best = -math.log(math.exp(1) / (math.exp(1) + math.exp(0)))  # the positive is the most similar anchor
+    assert losses["semantic_class_image"].item() == pytest.approx(2.0 * best)
+    assert losses["semantic_public_image"].item() == pytest.approx(2.0 * 0.5 * best)
+    assert losses["semantic_public_text"].item() == pytest.approx(2.0 * 0.5 * best)
