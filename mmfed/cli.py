@@ -77,6 +77,8 @@ def _train(args: argparse.Namespace) -> int:
     from mmfed.federation.run import train
 
     cfg = compose(args.overrides, args.config_dir)
+    if cfg.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")  # also the bars of libraries (teacher loading, extraction)
     summary = train(cfg)
     print(f"run folder: {cfg.run_dir}")
     print(json.dumps(summary, indent=2))

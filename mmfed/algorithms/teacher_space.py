@@ -102,7 +102,7 @@ class TeacherSpace(ServerStep):
         self.image_map: Reduction | None = None
         self.fit_seconds = 0.0
         self._fitted_now = False
-        self._last_stats: dict[str, float] = {}
+        self._last_stats: dict[str, float] | None = None  # teacher counters when the last round ended
 
     @property
     def features(self) -> TeacherFeatures:
@@ -142,6 +142,8 @@ class TeacherSpace(ServerStep):
     def broadcast(self, round_: ServerRound, client: ClientSpec) -> Payload:
         if round_.stage != "fit":
             return Payload()
+        if self._last_stats is None:  # the shared teacher features may have counted earlier runs' work
+            self._last_stats = self._teacher_counters()
         self.fit(round_)
         assert self.text_map is not None and self.image_map is not None
         tensors = {
@@ -159,13 +161,16 @@ class TeacherSpace(ServerStep):
         Counts cover every user of this process's teacher features: the server and, on the embedded
         engine, the clients (on Flower, client processes keep their own counts).
         """
-        now = self.features.stats() | {"forward_batches": float(self.features.forward_batches)}
-        metrics = {f"teacher/{k}": v - self._last_stats.get(k, 0.0) for k, v in now.items()}
+        now, before = self._teacher_counters(), self._last_stats or {}
+        metrics = {f"teacher/{k}": v - before.get(k, 0.0) for k, v in now.items()}
         self._last_stats = now
         if self._fitted_now:
             metrics["fit_seconds"] = self.fit_seconds
             self._fitted_now = False
         return metrics
+
+    def _teacher_counters(self) -> dict[str, float]:
+        return self.features.stats() | {"forward_batches": float(self.features.forward_batches)}
 
     def state_dict(self) -> dict[str, Any]:
         if self.text_map is None or self.image_map is None:
@@ -229,10 +234,8 @@ class TeacherView:
     def text_to_teacher(self, latent: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., Dt]: the inverse of the text PCA (its transpose), for conditioning prompts on
         a local feature (TDCL conditioned mode)."""
-        return (
-            latent @ self.text_matrix.T / (self.text_matrix.norm(dim=0) ** 2).clamp(min=1e-12)
-            + self.text_mean
-        )
+        scale = (self.text_matrix.norm(dim=0) ** 2).clamp(min=1e-12)  # [D]: PCA columns are orthogonal
+        return (latent / scale) @ self.text_matrix.T + self.text_mean
 
 
 def normalized(x: torch.Tensor) -> torch.Tensor:

@@ -100,3 +100,33 @@ def test_semantic_consistency_uses_class_and_public_anchors() -> None:
     assert losses["semantic_class_image"].item() == pytest.approx(2.0 * best)
     assert losses["semantic_public_image"].item() == pytest.approx(2.0 * 0.5 * best)
     assert losses["semantic_public_text"].item() == pytest.approx(2.0 * 0.5 * best)
+
+
+def test_teacher_view_maps_and_inverts_the_text_pca() -> None:
+    from mmfed.algorithms.teacher_space import (
+        IMAGE_MATRIX,
+        IMAGE_MEAN,
+        IMAGE_OFFSET,
+        TEXT_MATRIX,
+        TEXT_MEAN,
+        TeacherView,
+        _unit_scale,
+    )
+    from mmfed.teacher.reduce import fit_pca
+
+    torch.manual_seed(0)
+    raw = torch.randn(50, 3) @ torch.randn(3, 12) + 5.0  # rank-3 teacher text features, Dt = 12
+    text_map = _unit_scale(fit_pca(raw, 3), raw)
+    assert text_map.apply(raw).norm(dim=-1).mean().item() == pytest.approx(1.0, rel=1e-5)
+    tensors = {
+        TEXT_MEAN: text_map.mean,
+        TEXT_MATRIX: text_map.matrix,
+        IMAGE_MEAN: torch.zeros(4),
+        IMAGE_MATRIX: torch.eye(4, 3),
+        IMAGE_OFFSET: torch.ones(3),
+    }
+    view = TeacherView(ClientRound("image-0", "image", 1, Payload(tensors=tensors), model=None), None, "")  # type: ignore[arg-type]
+    z = view.text(raw[:5])
+    assert torch.allclose(z, text_map.apply(raw[:5]), atol=1e-5)
+    assert torch.allclose(view.text_to_teacher(z), raw[:5], atol=1e-3)  # exact inverse on the PCA span
+    assert torch.allclose(view.image(torch.ones(2, 4)), torch.full((2, 3), 2.0))  # (x - mean) @ M + offset

@@ -1,0 +1,96 @@
+"""Diffusion-guided federations end to end with a tiny random SD-architecture teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmfed.cli import compose, main
+from mmfed.federation.run import train
+from mmfed.teacher.tiny import build_tiny_sd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("teacher") / "sd", seed=0, sample_size=16)
+
+
+def overrides(teacher: Path, cache: Path, run: Path) -> list[str]:
+    return [
+        "quiet=true",
+        f"run_dir={run}",
+        f"teacher.model={teacher}",
+        f"teacher.cache_dir={cache}",
+        "data.n_train=120",
+        "data.n_public=24",
+        "data.n_val=20",
+        "data.n_test=20",
+    ]
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_feddifrc_with_a_warm_cache_runs_no_teacher_pass(teacher: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cold_run = tmp_path / "cold"
+    summary = train(compose(["experiment=[smoke,feddifrc]", *overrides(teacher, cache, cold_run)]))
+    cold = records(cold_run)
+    # round 1 fits the maps on public data and computes every client sample under every class prompt
+    assert cold[0]["server/teacher_space/teacher/forward_batches"] > 0
+    assert cold[0]["server/teacher_space/fit_seconds"] > 0
+    assert "server/teacher_space/fit_seconds" not in cold[1]  # fitted once, never refitted
+    for name in ("tdcl_image", "tdcl_text", "ndcr_image", "ndcr_text"):
+        assert any(key.endswith(f"/{name}") for key in cold[0]), name
+    assert "retrieval/rsum" in summary
+    state = torch.load(cold_run / "checkpoints" / "last.pt", weights_only=False)
+    assert state["server"]["teacher_space"]["text_map"]["matrix"].shape[1] == 16  # smoke: D = 16
+
+    # `mmfed teacher extract` fills the rest (every caption of every row, not only those drawn so far);
+    # then a whole run costs no teacher forward pass at all
+    for split in ("train", "public"):
+        extract = ["teacher", "extract", "experiment=smoke", *overrides(teacher, cache, tmp_path / "x")]
+        assert main([*extract, f"split={split}", "features=text,image,image_classes,prompts"]) == 0
+    warm_run = tmp_path / "warm"
+    train(compose(["experiment=[smoke,feddifrc]", *overrides(teacher, cache, warm_run)]))
+    for record in records(warm_run):
+        assert record["server/teacher_space/teacher/forward_batches"] == 0
+        assert (
+            record["server/teacher_space/teacher/misses"] == 0
+            and record["server/teacher_space/teacher/hits"] > 0
+        )
+
+
+def test_semanticfl_clients_need_no_teacher(teacher: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(compose(["experiment=[smoke,semanticfl]", *overrides(teacher, tmp_path / "cache", run)]))
+    first, second = records(run)
+    names = {key.rsplit("/", 1)[-1] for key in first}
+    assert {"semantic_class_image", "semantic_public_image", "semantic_public_text"} <= names
+    # anchors of round 2's public sample come from the cache filled in round 1 (same public split)
+    assert second["server/anchors/teacher/forward_batches"] == 0
+
+
+def test_tdcl_conditioned_mode_recomputes_with_gradients(teacher: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = compose(
+        [
+            "experiment=[smoke,feddifrc_tdcl]",
+            *overrides(teacher, tmp_path / "cache", run),
+            "algorithm.loss_terms.tdcl.mode=conditioned",
+            "algorithm.loss_terms.tdcl.negatives=2",
+            "layout.text=0",
+            "rounds=1",
+            "training.max_steps=2",
+        ]
+    )
+    train(cfg)
+    (record,) = records(run)
+    assert any(key.endswith("/tdcl_image") for key in record)
+    assert record["server/teacher_space/teacher/forward_batches"] > 0
