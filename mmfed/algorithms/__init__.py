@@ -8,6 +8,7 @@ from mmfed.algorithms import (  # noqa: F401  (registration)
     distill,
     fedafd,
     fedavg,
+    fedddpm,
     feddifrc,
     moon,
     prox,
