@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from runs import cell, train_run
 
 METHODS: dict[str, list[str]] = {
     "fedavg": ["experiment=compare"],
@@ -39,35 +37,8 @@ COLUMNS = {
 
 
 def run(method: str, alpha: float, seed: int, root: Path) -> dict:
-    folder = root / f"{method}-a{alpha}-s{seed}"
-    summary = folder / "summary.json"
-    if not summary.exists():
-        command = [
-            sys.executable,
-            "-m",
-            "mmfed.cli",
-            "train",
-            *METHODS[method],
-            f"partition.alpha={alpha}",
-            f"seed={seed}",
-            "quiet=true",
-            f"run_dir={folder}",
-        ]
-        if folder.exists():
-            command.append("resume=true")
-        began = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{method} alpha={alpha} seed={seed} failed: {result.stderr.strip()[-500:]}")
-        print(f"  {method:22} alpha={alpha} seed={seed}: {time.perf_counter() - began:.0f} s", flush=True)
-    return json.loads(summary.read_text())
-
-
-def cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {std:.1f}"
+    overrides = [*METHODS[method], f"partition.alpha={alpha}", f"seed={seed}"]
+    return train_run(root / f"{method}-a{alpha}-s{seed}", overrides, f"{method:22} alpha={alpha} seed={seed}")
 
 
 def main() -> None:
