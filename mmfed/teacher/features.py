@@ -303,6 +303,9 @@ def extract_split(
         if "latents" in kinds:
             features.latents(ids, images, progress=label and f"latents {label}")
             counts["latents"] = counts.get("latents", 0) + len(part)
+    if counts:  # one file per cache instead of one per 256-row chunk: later runs open a single map
+        for cache in features._caches.values():
+            cache.compact()
     if "prompts" in kinds:
         for classes in (split.image_classes, split.text_classes):
             if classes:
