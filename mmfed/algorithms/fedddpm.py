@@ -142,7 +142,9 @@ class ClassDiffusionTask:
         )
         tensors, config = model.to_message()
         return Message(
-            tensors=encode_tensors({DIFFUSION_TENSORS + k: v for k, v in tensors.items()}, self.transport_dtype),
+            tensors=encode_tensors(
+                {DIFFUSION_TENSORS + k: v for k, v in tensors.items()}, self.transport_dtype
+            ),
             config={DIFFUSION_CONFIG: config},
             metrics={
                 "ddpm/seconds": report.seconds,
@@ -164,8 +166,9 @@ class SlowLearningDetector:
         rule "best":  max(v_{n-W+1..n}) - max(v_{0..n-W})   (did the last W rounds beat the best before?)
         rule "last":  v_n - v_{n-W}                        (did the metric rise over the last W rounds?)
 
-    negated when `higher_is_better` is false. Learning is slow when gain < `min_delta`; the detector
-    then fires and forgets its values, so the next detection needs a fresh window of W + 1 values.
+    on the values negated when `higher_is_better` is false (a loss). Learning is slow when
+    gain < `min_delta`; the detector then fires and forgets its values, so the next detection needs
+    a fresh window of W + 1 values.
     """
 
     def __init__(
@@ -185,11 +188,10 @@ class SlowLearningDetector:
 
     def gain(self) -> float | None:
         """The window's gain, or None while fewer than window + 1 values were observed."""
-        w, v = self.window, self.values
+        w, v = self.window, [self.sign * value for value in self.values]  # higher is better now
         if len(v) < w + 1:
             return None
-        raw = max(v[-w:]) - max(v[:-w]) if self.rule == "best" else v[-1] - v[-1 - w]
-        return self.sign * raw
+        return max(v[-w:]) - max(v[:-w]) if self.rule == "best" else v[-1] - v[-1 - w]
 
     def check(self) -> bool:
         """True (and start a fresh window) if learning is slow now."""
@@ -220,7 +222,9 @@ def assign_generators(plan: Sequence[int], client_counts: Sequence[Sequence[int]
             continue
         holders = [counts[c] for counts in client_counts]
         if sum(holders) == 0:
-            raise ValueError(f"{wanted} samples planned for class {c}, which no uploaded model was trained on")
+            raise ValueError(
+                f"{wanted} samples planned for class {c}, which no uploaded model was trained on"
+            )
         for k, share in enumerate(apportion(wanted, holders)):
             per_model[k][c] = share
     return per_model
@@ -314,14 +318,20 @@ class AuxDataCorrection(ServerStep):
             )
         models = [
             ClassDiffusion.from_message(
-                {k[len(DIFFUSION_TENSORS) :]: v for k, v in r.tensors.items() if k.startswith(DIFFUSION_TENSORS)},
+                {
+                    k[len(DIFFUSION_TENSORS) :]: v
+                    for k, v in r.tensors.items()
+                    if k.startswith(DIFFUSION_TENSORS)
+                },
                 r.config[DIFFUSION_CONFIG],
             ).to(round_.global_model.device)
             for r in uploads
         ]
         classes = {m.num_classes for m in models}
         if len(classes) != 1:
-            raise ValueError(f"aux_correction: uploaded models disagree on the number of classes {sorted(classes)}")
+            raise ValueError(
+                f"aux_correction: uploaded models disagree on the number of classes {sorted(classes)}"
+            )
         counts = [m.label_counts for m in models]
         global_counts = [sum(column) for column in zip(*counts, strict=True)]
         plan = plan_counts(
@@ -342,7 +352,12 @@ class AuxDataCorrection(ServerStep):
         sampling_seconds = time.perf_counter() - began
         self.aux_images, self.aux_labels = torch.cat(images), torch.cat(labels)
         self.fingerprint = self._fingerprint(uploads, models)
-        log.info("aux_correction: sampled %d images in %.1fs (%s)", len(self.aux_labels), sampling_seconds, self.fingerprint[:12])
+        log.info(
+            "aux_correction: sampled %d images in %.1fs (%s)",
+            len(self.aux_labels),
+            sampling_seconds,
+            self.fingerprint[:12],
+        )
         metrics: dict[str, float] = {f"cost/{name}": 0.0 for name in COSTS}
         metrics["cost/client_diffusion_seconds"] = sum(r.metrics.get("ddpm/seconds", 0.0) for r in uploads)
         metrics["cost/upload_bytes"] = float(sum(r.nbytes for r in uploads))

@@ -69,8 +69,11 @@ def build_unet(
     )
 
 
-def noise_schedule(num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2") -> DDPMScheduler:
-    """The forward process q(x_t | x_0) of Ho et al. 2020; cosine betas suit small images (Nichol & Dhariwal 2021)."""
+def noise_schedule(
+    num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2"
+) -> DDPMScheduler:
+    """The forward process q(x_t | x_0) (Ho et al. 2020); cosine betas suit small images
+    (Nichol & Dhariwal 2021)."""
     check_positive("num_train_timesteps", num_train_timesteps)
     check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
@@ -180,6 +183,7 @@ class ClassDiffusion:
         return digest.hexdigest()
 
 
-def _plain(value: Any) -> Any:
-    """A diffusers config as plain JSON types (tuples -> lists, FrozenDict -> dict)."""
-    return json.loads(json.dumps(value, default=list))
+def _plain(config: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers config as plain JSON types, without its bookkeeping keys (``_name_or_path``,
+    ``_diffusers_version`` ...), so a model's config does not depend on where it was loaded from."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))

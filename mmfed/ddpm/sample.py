@@ -57,9 +57,7 @@ def sampler_for(model: ClassDiffusion, sampler: str, steps: int) -> DDIMSchedule
     check_choice("sampler", sampler, SAMPLERS)
     check_positive("steps", steps)
     config = model.scheduler.config
-    scheduler = (
-        DDIMScheduler.from_config(config) if sampler == "ddim" else DDPMScheduler.from_config(config)
-    )
+    scheduler = DDIMScheduler.from_config(config) if sampler == "ddim" else DDPMScheduler.from_config(config)
     scheduler.set_timesteps(min(steps, config.num_train_timesteps))
     return scheduler
 

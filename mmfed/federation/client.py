@@ -120,6 +120,10 @@ class ModelPool:
         self._build, self._device = build, device
         self._models: dict[tuple[str, int], tuple[MultimodalModel, dict[str, torch.Tensor]]] = {}
 
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
     def get(self, kind: str, variant: int = 0) -> MultimodalModel:
         key = (kind, variant)
         if key not in self._models:
@@ -130,7 +134,7 @@ class ModelPool:
         return model
 
 
-STAGES = ("fit", "evaluate")
+STAGES = ("prepare", "fit", "evaluate")  # "prepare": once, before round 1 (see ClientApp._prepare)
 PERSONAL_MODEL = "model"  # key of the personal model parts in the client state
 
 
@@ -153,9 +157,13 @@ class ClientApp:
     public: MultimodalSplit | None = None  # the public paired data, for terms and representations
     test_data: MultimodalSplit | None = None  # the client's local test split
     evaluator: Evaluator | None = None
+    client_tasks: DictConfig | None = None  # name -> client task config, run in the prepare stage
+    quiet: bool = False  # no progress bars from client tasks
 
     def __call__(self, payload: Payload, state: dict[str, Any]) -> tuple[Reply, dict[str, Any]]:
         check_choice("payload.stage", payload.stage, STAGES)
+        if payload.stage == "prepare":
+            return self._prepare(), state
         model = self.pool.get(self.spec.kind, self.variant)
         if PERSONAL_MODEL in state:
             model.load_part_state(state[PERSONAL_MODEL], strict_parts=False)
@@ -187,6 +195,30 @@ class ClientApp:
         if own:
             new_state[PERSONAL_MODEL] = {k: v.detach().clone() for k, v in own.items()}
         return reply, new_state
+
+    def _prepare(self) -> Reply:
+        """The one-time prepare stage: run every configured client task that applies to this kind.
+
+        A client task (registered in the ``client_task`` group, listed in ``algorithm.client_tasks``)
+        has ``applies_to(kind) -> bool`` and ``run(split, kind, cid, seed, device, quiet) -> Message``;
+        its tensors, config and metrics become this reply (e.g. a diffusion model trained on the
+        client's data, uploaded once). A client no task applies to replies with nothing.
+        """
+        reply = Reply(cid=self.spec.cid, kind=self.spec.kind, num_examples=self.spec.num_examples)
+        for name, cfg in (self.client_tasks or {}).items():
+            task = instantiate(cfg, f"algorithm.client_tasks.{name}")
+            if not task.applies_to(self.spec.kind):
+                continue
+            fragment = task.run(
+                self.data.split, self.spec.kind, self.spec.cid, self.seed, self.pool.device, self.quiet
+            )
+            for mine, theirs in ((reply.tensors, fragment.tensors), (reply.config, fragment.config)):
+                clash = mine.keys() & theirs.keys()
+                if clash:
+                    raise ValueError(f"two client tasks both reply with {sorted(clash)[0]!r} (task {name!r})")
+                mine.update(theirs)
+            reply.metrics.update(fragment.metrics)
+        return reply
 
     def _terms(self, payload: Payload, model: MultimodalModel, state: dict[str, Any]) -> dict[str, LossTerm]:
         terms: dict[str, LossTerm] = {}

@@ -32,7 +32,7 @@ from mmfed.data.samples import MultimodalSplit
 from mmfed.evaluation import Evaluator
 from mmfed.federation.client import ClientApp, ClientData, LocalTraining, ModelPool
 from mmfed.federation.embedded import ClientStateStore, EmbeddedEngine
-from mmfed.federation.server import Engine, Server
+from mmfed.federation.server import COST_PREFIX, Engine, RoundTraffic, Server, add_metrics
 from mmfed.models.multimodal import KIND_PARTS, MultimodalModel, build_model
 from mmfed.utils.io import load_torch, save_json, save_torch
 from mmfed.utils.seeding import numpy_rng, seed_torch
@@ -206,6 +206,8 @@ class Federation:
             public=self.public if self.uses_public else None,
             test_data=test,
             evaluator=self.evaluator,
+            client_tasks=self.cfg.algorithm.get("client_tasks"),
+            quiet=bool(self.cfg.get("quiet", False)),
         )
 
     @functools.cached_property
@@ -337,6 +339,9 @@ class Run:
             self.store.rollback(0)
             metrics_file.write_text("")
 
+        prepared = self._prepare() if self.server.prepares and start == 1 else None
+        if prepared is not None:
+            history_seconds += prepared["seconds"]
         bar = tqdm(
             range(start, rounds + 1),
             desc="rounds",
@@ -349,7 +354,11 @@ class Run:
             began = time.perf_counter()
             server_metrics, traffic, replies = self.server.run_round(round_, self.engine)
             val = self.evaluator.evaluate(self.global_model, self.val_split)
+            self.server.observe(round_, {f"val/{k}": v for k, v in val.items()})
             seconds = time.perf_counter() - began
+            first = prepared if round_ == 1 else None  # round 1's record carries the prepare stage
+            if first is not None:
+                server_metrics = _with_prepare(server_metrics, traffic, first)
             history_seconds += seconds
             totals["up"] += traffic.bytes_up
             totals["down"] += traffic.bytes_down
@@ -359,12 +368,15 @@ class Run:
                 "bytes_up": traffic.bytes_up,
                 "bytes_down": traffic.bytes_down,
             }
+            if first is not None:
+                record["prepare_seconds"] = round(first["seconds"], 3)
             record.update(_train_means(replies))
             record.update(server_metrics)
             record.update({f"val/{k}": v for k, v in val.items()})
             record["clients_bytes"] = traffic.per_client
             failures = getattr(self.engine, "failures", [])
             record["failures"] = [f.as_dict() for f in failures if f.round == round_]
+            record["failures"] += first["failures"] if first is not None else []
             score = val.get(self.evaluator.selection_metric)
             if score is None:
                 raise ConfigError(
@@ -398,6 +410,32 @@ class Run:
                 seconds,
             )
         return self.finish(rounds, best, history_seconds, totals)
+
+    def _prepare(self) -> dict[str, Any]:
+        """The one-time prepare stage, or (resuming a run that did it) what it left.
+
+        `checkpoints/prepared.pt` keeps the server steps' state right after the stage (e.g. the
+        sampled auxiliary data) with its metrics, traffic and time, so a run interrupted in round 1
+        neither retrains the clients' models nor resamples; round 1's record still reports them.
+        """
+        path = self.dir / "checkpoints" / "prepared.pt"
+        if self.cfg.resume and path.exists():
+            saved = load_torch(path)
+            self.server.load_state_dict(saved["server"])
+            log.info("prepare stage: reusing %s", path)
+            return saved["record"]
+        began = time.perf_counter()
+        metrics, traffic = self.server.prepare(self.engine)
+        failures = getattr(self.engine, "failures", [])
+        record = {
+            "metrics": metrics,
+            "per_client": traffic.per_client,
+            "seconds": time.perf_counter() - began,
+            "failures": [f.as_dict() for f in failures if f.round == 0],
+        }
+        save_torch({"server": self.server.state_dict(), "record": record}, path)
+        self.store.rollback(0)
+        return record
 
     def finish(
         self, rounds: int, best: dict[str, Any], seconds: float, totals: dict[str, int]
@@ -444,6 +482,7 @@ class Run:
                 "bytes_down": totals["down"],
             }
         )
+        summary.update(_cost_totals(self.dir / "metrics.jsonl"))
         save_json(summary, self.dir / "summary.json")
         from mmfed.report import plot_run
 
@@ -462,6 +501,31 @@ def _client_summary(per_client: dict[str, dict[str, float]], clients: list[Clien
             summary[f"{name}/mean"] = float(values.mean())
             summary[f"{name}/std"] = float(values.std(unbiased=False))
     return summary
+
+
+def _with_prepare(
+    metrics: dict[str, float], traffic: RoundTraffic, prepared: dict[str, Any]
+) -> dict[str, float]:
+    """Round 1's metrics and traffic (in place) plus the prepare stage's (cost/... summed)."""
+    merged = dict(metrics)
+    add_metrics(merged, prepared["metrics"], "")
+    for cid, entry in prepared["per_client"].items():
+        mine = traffic.per_client.setdefault(cid, {"down": 0, "up": 0})
+        mine["down"] += entry["down"]
+        mine["up"] += entry["up"]
+    traffic.bytes_down = sum(e["down"] for e in traffic.per_client.values())
+    traffic.bytes_up = sum(e["up"] for e in traffic.per_client.values())
+    return merged
+
+
+def _cost_totals(metrics_file: Path) -> dict[str, float]:
+    """Every ``cost/...`` metric summed over the rounds in metrics.jsonl (the run's total cost)."""
+    totals: dict[str, float] = {}
+    for line in metrics_file.read_text().splitlines():
+        for key, value in json.loads(line).items() if line.strip() else ():
+            if key.startswith(COST_PREFIX):
+                totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
 
 
 def _train_means(replies: list[Any]) -> dict[str, float]:

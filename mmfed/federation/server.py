@@ -4,6 +4,11 @@ A round is a sequence of stages. For each stage the server (1) samples clients, 
 client's payload by merging the fragments of every server step of that stage, (3) hands the
 payloads to the engine, which runs the clients and returns their replies, and (4) lets each step
 consume the replies, in config order (aggregate, then distill, then correct ...).
+
+Two optional step hooks: a step with ``prepares = True`` takes part in a one-time "prepare" stage
+before round 1 (every client; e.g. clients train and upload a generative model once), and a step
+with ``observe(round, metrics)`` sees each round's validation metrics (e.g. to detect slow learning).
+Metrics named ``cost/...`` are one namespace, summed over steps (and, by the run, over rounds).
 """
 
 from __future__ import annotations
@@ -17,6 +22,17 @@ from mmfed.data.samples import MultimodalSplit
 from mmfed.models.multimodal import MultimodalModel
 from mmfed.protocol import Payload, Reply
 from mmfed.utils.seeding import numpy_rng
+
+COST_PREFIX = "cost/"  # metrics named cost/... are one namespace: summed over steps, rounds and the run
+
+
+def add_metrics(into: dict[str, float], metrics: dict[str, float], prefix: str) -> None:
+    """Add a step's metrics under `prefix`; ``cost/...`` metrics keep their name and are summed."""
+    for key, value in metrics.items():
+        if key.startswith(COST_PREFIX):
+            into[key] = into.get(key, 0.0) + value
+        else:
+            into[prefix + key] = value
 
 
 class Engine(Protocol):
@@ -82,32 +98,74 @@ class Server:
         all_replies: list[Reply] = []
         for stage in self.stages:
             steps = {name: step for name, step in self.steps.items() if step.stage == stage}
-            payloads: dict[str, Payload] = {}
-            for client in sampled:
-                payload = Payload(stage=stage, round=round_)
-                for step in steps.values():
-                    payload.merge(step.broadcast(context, client))
-                payloads[client.cid] = payload
-            replies = engine.run_stage(stage, round_, payloads)
-            if len(replies) < min(self.min_replies or len(payloads), len(payloads)):
-                why = {f.cid: f.error for f in getattr(engine, "failures", []) if f.round == round_}
-                lost = "; ".join(f"{c}: {why.get(c, 'no reply')}" for c in payloads if c not in replies)
-                raise RoundFailed(
-                    f"round {round_} ({stage}): {len(replies)} of {len(payloads)} clients replied, fewer "
-                    f"than min_replies={self.min_replies or 'all'} ({lost})"
-                )
-            ordered = [replies[c.cid] for c in sampled if c.cid in replies]
-            for cid, payload in payloads.items():
-                entry = traffic.per_client.setdefault(cid, {"down": 0, "up": 0})
-                entry["down"] += payload.nbytes
-                entry["up"] += replies[cid].nbytes if cid in replies else 0
-            for name, step in steps.items():
-                for key, value in step.aggregate(context, ordered).items():
-                    metrics[f"server/{name}/{key}"] = value
-            all_replies.extend(ordered)
+            all_replies.extend(self._stage(context, stage, sampled, steps, engine, metrics, traffic))
         traffic.bytes_down = sum(e["down"] for e in traffic.per_client.values())
         traffic.bytes_up = sum(e["up"] for e in traffic.per_client.values())
         return metrics, traffic, all_replies
+
+    @property
+    def prepares(self) -> bool:
+        """Whether some step declares `prepares = True` (a one-time "prepare" stage before round 1)."""
+        return any(getattr(step, "prepares", False) for step in self.steps.values())
+
+    def prepare(self, engine: Engine) -> tuple[dict[str, float], RoundTraffic]:
+        """The one-time prepare stage (round 0), for every client and the steps that declare it.
+
+        Such a step sees ``round_.stage == "prepare"`` in `broadcast` and `aggregate`; clients run
+        their configured client tasks (e.g. train and upload a diffusion model). Its non-cost
+        metrics are named ``prepare/<step>/<key>``.
+        """
+        steps = {name: step for name, step in self.steps.items() if getattr(step, "prepares", False)}
+        context = ServerRound(0, self.seed, self.global_model, self.clients, self.public, stage="prepare")
+        metrics: dict[str, float] = {}
+        traffic = RoundTraffic()
+        self._stage(context, "prepare", self.clients, steps, engine, metrics, traffic, prefix="prepare")
+        traffic.bytes_down = sum(e["down"] for e in traffic.per_client.values())
+        traffic.bytes_up = sum(e["up"] for e in traffic.per_client.values())
+        return metrics, traffic
+
+    def _stage(
+        self,
+        context: ServerRound,
+        stage: str,
+        clients: list[ClientSpec],
+        steps: dict[str, ServerStep],
+        engine: Engine,
+        metrics: dict[str, float],
+        traffic: RoundTraffic,
+        prefix: str = "server",
+    ) -> list[Reply]:
+        """One stage: payloads from the steps, the engine runs the clients, the steps consume replies."""
+        payloads: dict[str, Payload] = {}
+        for client in clients:
+            payload = Payload(stage=stage, round=context.round)
+            for step in steps.values():
+                payload.merge(step.broadcast(context, client))
+            payloads[client.cid] = payload
+        replies = engine.run_stage(stage, context.round, payloads)
+        if len(replies) < min(self.min_replies or len(payloads), len(payloads)):
+            why = {f.cid: f.error for f in getattr(engine, "failures", []) if f.round == context.round}
+            lost = "; ".join(f"{c}: {why.get(c, 'no reply')}" for c in payloads if c not in replies)
+            raise RoundFailed(
+                f"round {context.round} ({stage}): {len(replies)} of {len(payloads)} clients replied, fewer "
+                f"than min_replies={self.min_replies or 'all'} ({lost})"
+            )
+        ordered = [replies[c.cid] for c in clients if c.cid in replies]
+        for cid, payload in payloads.items():
+            entry = traffic.per_client.setdefault(cid, {"down": 0, "up": 0})
+            entry["down"] += payload.nbytes
+            entry["up"] += replies[cid].nbytes if cid in replies else 0
+        for name, step in steps.items():
+            add_metrics(metrics, step.aggregate(context, ordered), f"{prefix}/{name}/")
+        return ordered
+
+    def observe(self, round_: int, metrics: dict[str, float]) -> None:
+        """After a round's evaluation, steps with an `observe(round, metrics)` hook see the validation
+        metrics (named as in metrics.jsonl, ``val/...``), e.g. to detect slow learning."""
+        for step in self.steps.values():
+            hook = getattr(step, "observe", None)
+            if hook is not None:
+                hook(round_, metrics)
 
     def state_dict(self) -> dict[str, object]:
         return {name: step.state_dict() for name, step in self.steps.items()}
