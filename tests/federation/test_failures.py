@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +67,6 @@ FAILING = [
     f"client_timeout={TIMEOUT}",
     boom(raise_cid="text-0", raise_round=1, sleep_cid="image-0", sleep_round=2, seconds=SLEEP),
 ]
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Ray runs each client with flower.num_cpus=1 thread; the embedded run matches it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:

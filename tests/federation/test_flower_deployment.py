@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -216,16 +215,6 @@ def _plain_http_answers(port: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- the test
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_two_supernodes_over_tls_train_two_rounds_like_the_embedded_engine(
     tmp_path: Path, processes: Processes, one_thread: None
 ) -> None:

@@ -9,28 +9,16 @@ different thread counts the losses agree to ~1e-4 and a retrieval rank can flip 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from mmfed.cli import compose, main
 from mmfed.federation.run import train
 
 pytestmark = pytest.mark.slow
 TINY = ["experiment=smoke", "quiet=true", "flower.num_cpus=1"]
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
