@@ -133,6 +133,23 @@ def test_the_client_task_uploads_a_model_with_its_label_counts(uploads: list[Rep
     assert ClassDiffusionTask().applies_to("paired") and not ClassDiffusionTask().applies_to("text")
 
 
+def test_a_kept_model_is_reused_only_for_the_same_data_settings_and_seed(tmp_path) -> None:
+    train = SyntheticWorld.tiny(n=40).split("train")
+    task = ClassDiffusionTask(**TINY_TASK, cache_dir=str(tmp_path))
+    cpu = torch.device("cpu")
+    first = task.run(train, "image", "image-0", seed=0, device=cpu, quiet=True)
+    again = task.run(train, "image", "image-0", seed=0, device=cpu, quiet=True)
+    assert (first.metrics["ddpm/cached"], again.metrics["ddpm/cached"]) == (0.0, 1.0)
+    assert again.metrics["ddpm/seconds"] == first.metrics["ddpm/seconds"]  # the cost when it was trained
+    assert first.tensors.keys() == again.tensors.keys()
+    assert all(torch.equal(first.tensors[k], again.tensors[k]) for k in first.tensors)
+    assert again.config == first.config
+    other_seed = task.run(train, "image", "image-0", seed=1, device=cpu, quiet=True)
+    other_data = task.run(train.subset(range(30)), "image", "image-0", seed=0, device=cpu, quiet=True)
+    assert other_seed.metrics["ddpm/cached"] == other_data.metrics["ddpm/cached"] == 0.0
+    assert len(list(tmp_path.iterdir())) == 3
+
+
 def _prepare(step: AuxDataCorrection, uploads: list[Reply], model: torch.nn.Module) -> dict[str, float]:
     text_reply = Reply(cid="text-0", kind="text", num_examples=50)  # takes no part: replies with nothing
     return step.aggregate(ServerRound(0, 0, model, [], stage="prepare"), [*uploads, text_reply])
