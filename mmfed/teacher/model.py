@@ -301,6 +301,22 @@ class StableDiffusionTeacher:
         device = settings.resolved_device()
         return cls(_load_parts(settings, device), settings, device)
 
+    @classmethod
+    def from_modules(
+        cls, modules: dict[str, Any], settings: TeacherSettings, revision: str = "in-memory"
+    ) -> StableDiffusionTeacher:
+        """A teacher around parts built in memory (benchmarks of full-size architectures, no disk).
+
+        `modules` holds PART_FOLDERS' objects; they are frozen, pinned to eval and moved to the
+        settings' device and dtype like loaded ones. `revision` stands in for the weights' identity.
+        """
+        device = settings.resolved_device()
+        for part in ("text_encoder", "vae", "unet"):
+            _pin_eval(modules[part].to(device=device, dtype=DTYPES[settings.dtype]))
+        return cls(
+            _Parts(**{p: modules[p] for p in PART_FOLDERS}, identity_revision=revision), settings, device
+        )
+
     # ------------------------------------------------------------------ text
     def prompts(self, classes: list[str]) -> list[str]:
         return [self.settings.prompt_template.format(name) for name in classes]

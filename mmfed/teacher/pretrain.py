@@ -1,0 +1,732 @@
+"""``mmfed teacher pretrain``: a small Stable-Diffusion-architecture teacher for the synthetic world.
+
+No pretrained SD can be downloaded here, and a random teacher guides nothing, so this trains one
+with SD's own classes (CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel,
+DDPMScheduler) on the synthetic world's *public* split (image-caption pairs; the split a server may
+hold), within a wall-clock budget, and saves it in SD's layout where `StableDiffusionTeacher.load`
+reads it like a hub model. Training, in SD's order:
+
+1. **VAE** (`vae_fraction` of the budget): x -> posterior q(z|x) -> x_hat, loss
+   ``||x_hat - x||^2 + kl_weight * KL(q(z|x) || N(0, I))`` (SD adds perceptual and GAN terms; at
+   32 px the squared error is enough). Then frozen; ``scaling_factor`` = 1 / std of the public
+   latents (how SD's 0.18215 was chosen), so the U-Net sees unit-variance latents.
+2. **Text encoder + U-Net** jointly, DDPM's epsilon objective (Ho et al. 2020, eq. 14):
+   ``|| eps - eps_theta(sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, t, c) ||^2`` with z_0 the
+   posterior mean (what `StableDiffusionTeacher` reads; this small VAE's posterior is far wider
+   than SD's), t ~ U{0..999} and c the hidden states of one of the row's captions, replaced by the
+   empty prompt with probability `empty_prompt` (classifier-free guidance) and by a class prompt
+   ``a photo of a {shape or scene}`` with probability `class_prompt` (the format
+   `TeacherSettings.prompt_template` feeds the teacher later).
+3. **Auxiliary alignment.** The first `aux_fraction` of each batch are auxiliary rows: the same
+   U-Net pass, but under the *empty* prompt and at t ~ U{50..500} (around the read timestep). Their
+   pooled decoder features (up blocks 1-3, the teacher's default reads) are aligned, through two
+   linear heads that are then discarded, with (a) the pooled embedding of the row's caption (CLIP's
+   symmetric InfoNCE, `contrastive_weight`) and (b) the pooled embeddings of the class prompts
+   (cross-entropy against every shape prompt and every scene prompt, `prompt_weight`). One pass
+   instead of a second, empty-prompt pass: that one cost +75% per step (measured). Why align:
+   FedDifRC-style methods read exactly these things (class-prompt text embeddings; decoder
+   features of a noised image), and a few CPU minutes of denoising alone left them at chance on
+   the world's classes (measured: 4 minutes, 265 steps, shape linear probe 0.085 vs 0.125 for
+   random weights). (b) uses the public split's shape and scene labels, the words every caption
+   names (the world writes them into each caption), as an SD trained on web captions knows class
+   names; a method guided by this teacher therefore gets label knowledge from the public data,
+   which is what a pretrained teacher stands for.
+
+Afterwards a quality check on held-out *val* pairs (never the public rows) compares the teacher
+with the same architecture at random weights and with raw pixels: nearest-centroid and linear-probe
+accuracy of pooled empty-prompt U-Net features (shape and scene labels), the diffusion classifier
+(the class prompt that denoises the image best) and class-prompt-conditioned feature prototypes.
+
+The folder is written to a temporary sibling and renamed at the end: a crash leaves no half teacher.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmfed.config import ConfigError, check_positive, instantiate, node_for, register, registered
+from mmfed.teacher.model import StableDiffusionTeacher, TeacherSettings, default_teacher
+from mmfed.teacher.tiny import save_sd_folder, tiny_parts, words_of, write_tokenizer
+from mmfed.utils.io import save_json
+from mmfed.utils.seeding import derive_seed, torch_generator
+
+META_FILE = "mmfed_pretrain.json"
+CLASS_TEMPLATE = "a photo of a {}"  # TeacherSettings' default prompt_template
+READ_BLOCKS = (1, 2, 3)  # TeacherSettings' default up_blocks: what the contrastive loss shapes
+READ_TIMESTEP = 300  # TeacherSettings' default timestep: the quality check reads here
+
+
+@register("teacher_pretrain", "default")
+class PretrainSettings:
+    """What `mmfed teacher pretrain` trains and for how long (keys are ``key=value`` overrides).
+
+    `minutes`: wall-clock training budget (VAE + U-Net phases; the quality check and saving add
+    about a minute). `steps` / `vae_steps`: optional caps on optimiser steps of each phase (with a
+    cap and enough minutes the run is reproducible step for step). `world_seed` / `n_public` /
+    `n_val`: the synthetic world whose public split is trained on and whose val split is checked.
+    """
+
+    def __init__(
+        self,
+        out: str = "default",
+        minutes: float = 12.0,
+        seed: int = 0,
+        world_seed: int = 0,
+        n_public: int = 2000,
+        n_val: int = 500,
+        resolution: int = 32,
+        steps: int | None = None,
+        vae_steps: int | None = None,
+        vae_fraction: float = 0.12,
+        batch_size: int = 64,
+        vae_batch_size: int = 32,
+        lr: float = 5e-4,
+        vae_lr: float = 2e-3,
+        kl_weight: float = 1e-5,
+        empty_prompt: float = 0.1,
+        class_prompt: float = 0.1,
+        contrastive_weight: float = 0.5,
+        prompt_weight: float = 0.5,
+        aux_fraction: float = 0.5,
+        text_width: int = 64,
+        text_layers: int = 3,
+        max_length: int = 32,
+        vae_channels: list[int] = (16, 32, 32),
+        unet_channels: list[int] = (32, 64, 128, 128),
+        attention_head_dim: int = 8,
+        check_images: int = 200,
+        check_public: int = 1000,
+    ) -> None:
+        for key, value in (("minutes", minutes), ("n_public", n_public), ("n_val", n_val),
+                           ("resolution", resolution), ("batch_size", batch_size), ("lr", lr),
+                           ("vae_batch_size", vae_batch_size), ("vae_lr", vae_lr),
+                           ("text_width", text_width), ("text_layers", text_layers),
+                           ("max_length", max_length), ("attention_head_dim", attention_head_dim),
+                           ("check_images", check_images), ("check_public", check_public)):  # fmt: skip
+            check_positive(f"teacher_pretrain.{key}", value)
+        for key, value in (("steps", steps), ("vae_steps", vae_steps)):
+            if value is not None:
+                check_positive(f"teacher_pretrain.{key}", value)
+        for key, value in (("vae_fraction", vae_fraction), ("empty_prompt", empty_prompt),
+                           ("class_prompt", class_prompt), ("aux_fraction", aux_fraction)):  # fmt: skip
+            if not 0 <= value < 1:
+                raise ValueError(f"teacher_pretrain.{key} must be in [0, 1), got {value!r}")
+        if empty_prompt + class_prompt >= 1:
+            raise ValueError("teacher_pretrain.empty_prompt + class_prompt must be < 1 (captions need rows)")
+        for key, value in (("kl_weight", kl_weight), ("contrastive_weight", contrastive_weight),
+                           ("prompt_weight", prompt_weight)):  # fmt: skip
+            check_positive(f"teacher_pretrain.{key}", value, strict=False)
+        vae_scale = 2 ** (len(vae_channels) - 1)
+        if len(unet_channels) != 4:
+            raise ValueError(f"teacher_pretrain.unet_channels needs SD's 4 stages, got {list(unet_channels)}")
+        if resolution % (vae_scale * 8):
+            raise ValueError(
+                f"teacher_pretrain.resolution={resolution} must be a multiple of {vae_scale * 8} "
+                f"(VAE downsampling x{vae_scale}, then the U-Net's 3 downsamplings)"
+            )
+        self.out = default_teacher() if out == "default" else out
+        self.minutes, self.seed, self.world_seed = float(minutes), int(seed), int(world_seed)
+        self.n_public, self.n_val, self.resolution = n_public, n_val, resolution
+        self.steps, self.vae_steps, self.vae_fraction = steps, vae_steps, vae_fraction
+        self.batch_size, self.lr, self.vae_lr, self.kl_weight = batch_size, lr, vae_lr, kl_weight
+        self.vae_batch_size = vae_batch_size
+        self.empty_prompt, self.class_prompt = empty_prompt, class_prompt
+        self.contrastive_weight, self.prompt_weight = contrastive_weight, prompt_weight
+        self.aux_fraction = aux_fraction
+        self.text_width, self.text_layers, self.max_length = text_width, text_layers, max_length
+        self.vae_channels, self.unet_channels = list(vae_channels), list(unet_channels)
+        self.attention_head_dim = attention_head_dim
+        self.check_images, self.check_public = check_images, check_public
+        self.latent_size = resolution // vae_scale
+
+
+def settings_from(overrides: list[str]) -> tuple[PretrainSettings, dict[str, Any]]:
+    """Settings from ``key=value`` overrides of the registered config (and the resolved config)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = OmegaConf.structured(node_for(registered("teacher_pretrain")["default"]))
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"teacher pretrain: override {item!r} is not key=value")
+    problem = None
+    try:
+        cfg = OmegaConf.merge(node, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as error:  # an unknown key or a wrong type, with the key's name
+        key = getattr(error, "full_key", "") or "?"
+        problem = f"config key 'teacher_pretrain.{key}': {' '.join(str(error).split('full_key:')[0].split())}"
+    if problem:  # raised outside the handler: the CLI prints this line, not OmegaConf's
+        raise ConfigError(problem)
+    settings: PretrainSettings = instantiate(cfg, "teacher_pretrain")
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("_target_", None)
+    container["out"] = settings.out
+    return settings, container
+
+
+# ----------------------------------------------------------------------------- data
+class PublicPairs:
+    """The public split as tensors: pixels in [-1, 1], every caption tokenized once, class prompts."""
+
+    def __init__(self, split: Any, tokenizer: Any, resolution: int) -> None:
+        self.ids = split.ids
+        self.shape_labels, self.scene_labels = split.image_labels, split.text_labels
+        self.pixels = to_pixels(split.images, resolution)  # [N, 3, r, r]
+        captions = split.captions
+        self.per_row = len(captions[0])
+        flat = [c for row in captions for c in row]
+        self.caption_ids = tokenize(tokenizer, flat).view(len(captions), self.per_row, -1)  # [N, 5, L]
+        self.empty_ids = tokenize(tokenizer, [""])[0]  # [L]
+        # class prompts of both label sets, shapes first: [n_shapes + n_scenes, L]
+        self.class_ids = tokenize(tokenizer, [CLASS_TEMPLATE.format(c) for c in class_names(split)])
+        self.n_shapes = len(split.image_classes)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def class_names(split: Any) -> list[str]:
+    """Shape classes then scene classes: the names the class prompts are made of."""
+    return [*split.image_classes, *split.text_classes]
+
+
+def to_pixels(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    x = images.float() / 127.5 - 1.0
+    if x.shape[-1] != resolution:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True)
+    return x
+
+
+def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """Token ids [B, L], padded to the tokenizer's max length like SD's pipelines."""
+    return tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+class Budget:
+    """Wall-clock deadline plus an optional step cap; `progress` drives the learning-rate schedule."""
+
+    def __init__(self, seconds: float, steps: int | None) -> None:
+        self.start, self.seconds, self.steps = time.monotonic(), seconds, steps
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def progress(self, step: int) -> float:
+        by_time = self.elapsed() / self.seconds
+        return min(1.0, max(by_time, step / self.steps if self.steps else 0.0))
+
+    def done(self, step: int) -> bool:
+        return (self.steps is not None and step >= self.steps) or self.elapsed() >= self.seconds
+
+
+def lr_factor(step: int, progress: float, warmup: int = 50) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10% at the end of the budget."""
+    return min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def smooth(recent: dict[str, float], losses: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    """Exponential moving averages of the losses (the first step starts them): what is reported."""
+    return {k: 0.95 * recent[k] + 0.05 * v.item() if step > 1 else v.item() for k, v in losses.items()}
+
+
+def _bar(total_seconds: float, description: str, quiet: bool) -> tqdm:
+    return tqdm(total=round(total_seconds), desc=description, unit="s", leave=False, disable=quiet)
+
+
+# ----------------------------------------------------------------------------- phase 1: VAE
+def train_vae(
+    vae: nn.Module, pixels: torch.Tensor, settings: PretrainSettings, budget: Budget, quiet: bool
+) -> dict[str, float]:
+    """Reconstruction + small KL on the public images until the phase budget ends."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    generator = torch_generator(settings.seed, "pretrain", "vae")
+    vae.train()
+    step, recent = 0, {"recon": 0.0, "kl": 0.0}
+    with _bar(budget.seconds, "teacher VAE", quiet) as bar:
+        while not budget.done(step):
+            rows = torch.randint(0, len(pixels), (settings.vae_batch_size,), generator=generator)
+            x = pixels[rows]
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+            recon = F.mse_loss(vae.decode(z).sample, x)
+            kl = posterior.kl().mean()  # summed over latent elements, mean over the batch
+            loss = recon + settings.kl_weight * kl
+            for group in optimizer.param_groups:
+                group["lr"] = settings.vae_lr * lr_factor(step, budget.progress(step), warmup=20)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            recent = smooth(recent, {"recon": recon, "kl": kl}, step)
+            bar.n = min(bar.total, round(budget.elapsed()))
+            bar.set_postfix(step=step, recon=f"{recent['recon']:.4f}", kl=f"{recent['kl']:.1f}", refresh=True)
+    vae.eval()
+    return {"vae_steps": step, "vae_recon_mse": recent["recon"], "vae_kl": recent["kl"]}
+
+
+@torch.no_grad()
+def posterior_moments(
+    vae: nn.Module, pixels: torch.Tensor, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every public image (the VAE is frozen from here on)."""
+    means, stds = [], []
+    for start in range(0, len(pixels), chunk):
+        posterior = vae.encode(pixels[start : start + chunk]).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+# ----------------------------------------------------------------------------- phase 2: U-Net
+class ContrastiveHeads(nn.Module):
+    """CLIP-style heads for the auxiliary loss; trained with the teacher and then discarded."""
+
+    def __init__(self, image_dim: int, text_dim: int, dim: int = 64) -> None:
+        super().__init__()
+        self.image = nn.Linear(image_dim, dim)
+        self.text = nn.Linear(text_dim, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE over the batch: row i's image and caption are the positive pair."""
+        image = F.normalize(self.image(image_features), dim=-1)
+        text = F.normalize(self.text(text_features), dim=-1)
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ text.T  # [B, B]
+        target = torch.arange(len(logits))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    def classify(
+        self, image_features: torch.Tensor, prompt_features: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-entropy of the image against every class prompt (CLIP's zero-shot classifier)."""
+        image = F.normalize(self.image(image_features), dim=-1)
+        prompts = F.normalize(self.text(prompt_features), dim=-1)
+        return F.cross_entropy(self.logit_scale.clamp(max=math.log(100)).exp() * image @ prompts.T, labels)
+
+
+@contextmanager
+def captured_blocks(unet: nn.Module, blocks: tuple[int, ...]) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, every U-Net pass stores the outputs of up blocks `blocks` (grads flow)."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = [
+        unet.up_blocks[b].register_forward_hook(lambda m, a, out, b=b: captured.__setitem__(b, out))
+        for b in blocks
+    ]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def train_denoiser(
+    parts: dict[str, Any],
+    data: PublicPairs,
+    latents: torch.Tensor,
+    settings: PretrainSettings,
+    budget: Budget,
+    quiet: bool,
+) -> dict[str, float]:
+    """Text encoder + U-Net: epsilon loss on caption-conditioned latents (+ the contrastive term)."""
+    text_encoder, unet, scheduler = parts["text_encoder"], parts["unet"], parts["scheduler"]
+    image_dim = sum(list(reversed(settings.unet_channels))[b] for b in READ_BLOCKS)
+    heads = ContrastiveHeads(image_dim, settings.text_width)
+    params = [*text_encoder.parameters(), *unet.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
+    generator = torch_generator(settings.seed, "pretrain", "unet")
+    steps_total = scheduler.config.num_train_timesteps
+    text_encoder.train()
+    unet.train()
+    step, recent = 0, {"eps": 0.0, "contrastive": 0.0, "prompt": 0.0}
+    batch = settings.batch_size
+    aligned = settings.contrastive_weight > 0 or settings.prompt_weight > 0
+    n_aux = round(batch * settings.aux_fraction) if aligned else 0  # rows [0, n_aux) also feed 3.
+    with _bar(budget.seconds, "teacher U-Net", quiet) as bar, captured_blocks(unet, READ_BLOCKS) as blocks:
+        while not budget.done(step):
+            rows = torch.randint(0, len(data), (batch,), generator=generator)
+            z0 = latents[rows]  # posterior means: what the teacher reads at extraction
+            choice = torch.randint(0, data.per_row, (batch,), generator=generator)
+            captions = data.caption_ids[rows, choice]  # [B, L]
+            shapes, scenes = data.shape_labels[rows], data.scene_labels[rows]
+            # 2. the prompts: captions, 10% empty, 10% class prompts (a shape or a scene) ...
+            u = torch.rand(batch, generator=generator)
+            ids = captions.clone()
+            ids[u < settings.empty_prompt] = data.empty_ids
+            use_class = (u >= settings.empty_prompt) & (u < settings.empty_prompt + settings.class_prompt)
+            pick_shape = torch.rand(batch, generator=generator) < 0.5
+            class_rows = torch.where(pick_shape, shapes, scenes + data.n_shapes)
+            ids[use_class] = data.class_ids[class_rows[use_class]]
+            t = torch.randint(0, steps_total, (batch,), generator=generator)
+            # ... except the auxiliary rows: empty prompt, t ~ U{50..500} (around the read timestep)
+            ids[:n_aux] = data.empty_ids
+            t[:n_aux] = torch.randint(50, 501, (n_aux,), generator=generator)
+            # one text-encoder pass: conditioning prompts [B], the aux rows' captions, the class prompts
+            encoded = text_encoder(torch.cat([ids, captions[:n_aux], data.class_ids]))
+            context = encoded.last_hidden_state[:batch]
+            noise = torch.randn(z0.shape, generator=generator)
+            eps = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=context).sample
+            eps_loss = F.mse_loss(eps, noise)
+            loss = eps_loss
+            # 3. the aux rows' pooled decoder features <-> their captions (a), every class prompt (b)
+            contrastive, prompt = torch.zeros(()), torch.zeros(())
+            if n_aux:
+                features = torch.cat([blocks[b][:n_aux].mean(dim=(2, 3)) for b in READ_BLOCKS], dim=1)
+                pooled = encoded.pooler_output
+                contrastive = heads(features, pooled[batch : batch + n_aux])
+                prompts = pooled[batch + n_aux :]
+                prompt = (
+                    heads.classify(features, prompts[: data.n_shapes], shapes[:n_aux])
+                    + heads.classify(features, prompts[data.n_shapes :], scenes[:n_aux])
+                ) / 2
+                loss = loss + settings.contrastive_weight * contrastive + settings.prompt_weight * prompt
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * lr_factor(step, budget.progress(step))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            recent = smooth(recent, {"eps": eps_loss, "contrastive": contrastive, "prompt": prompt}, step)
+            bar.n = min(bar.total, round(budget.elapsed()))
+            bar.set_postfix(
+                step=step,
+                eps=f"{recent['eps']:.4f}",
+                con=f"{recent['contrastive']:.3f}",
+                prompt=f"{recent['prompt']:.3f}",
+                refresh=True,
+            )
+    text_encoder.eval()
+    unet.eval()
+    return {
+        "unet_steps": step,
+        "eps_loss": recent["eps"],
+        "contrastive_loss": recent["contrastive"],
+        "prompt_loss": recent["prompt"],
+    }
+
+
+# ----------------------------------------------------------------------------- quality check
+@torch.no_grad()
+def pooled_features(
+    teacher: StableDiffusionTeacher, images: torch.Tensor, keys: list[str], prompt: str | None = None
+) -> torch.Tensor:
+    """Pooled decoder features [N, sum C] of `images` under `prompt` (None: the empty prompt)."""
+    chunks = []
+    for start in range(0, len(keys), 128):
+        rows = slice(start, start + 128)
+        prompts = None if prompt is None else [prompt] * len(keys[rows])
+        chunks.append(teacher.pool(teacher.unet_features(images[rows], keys[rows], prompts=prompts)))
+    return torch.cat(chunks)
+
+
+def _standardize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
+def nearest_centroid(
+    train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor
+) -> float:
+    """Accuracy of the nearest class mean (cosine, standardized features)."""
+    train, test = _standardize(train, test)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    centroids = torch.zeros(classes, train.shape[1])
+    for c in train_y.unique():
+        centroids[c] = train[train_y == c].mean(0)
+    scores = F.normalize(test, dim=1) @ F.normalize(centroids, dim=1).T
+    return (scores.argmax(1) == test_y).float().mean().item()
+
+
+def linear_probe(
+    train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor, l2: float = 1e-3
+) -> float:
+    """Accuracy of an L2-regularised multinomial logistic regression (L-BFGS, standardized features)."""
+    train, test = _standardize(train, test)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    probe = nn.Linear(train.shape[1], classes)
+    nn.init.zeros_(probe.weight)
+    nn.init.zeros_(probe.bias)
+    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe(train), train_y) + l2 * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return (probe(test).argmax(1) == test_y).float().mean().item()
+
+
+@torch.no_grad()
+def diffusion_classifier(
+    teacher: StableDiffusionTeacher,
+    images: torch.Tensor,
+    keys: list[str],
+    labels: torch.Tensor,
+    prompts: list[str],
+    timesteps: tuple[int, ...] = (100, 300, 500, 700),
+) -> float:
+    """Accuracy of argmin_c E_{t, eps} ||eps - eps_theta(z_t, t, prompt_c)||^2 (Li et al. 2023).
+
+    Every class is scored on the same (t, eps) draws per image, so the comparison is paired.
+    """
+    context = teacher.encode_text(prompts).tokens  # [C, L, Dt]
+    errors = torch.zeros(len(keys), len(prompts))
+    latents = teacher.vae_latents(images)  # [N, 4, h, w]
+    for k, step in enumerate(timesteps):
+        noise = teacher.noise(keys, derive_seed(k, "diffusion-classifier"), latents.shape[1:])
+        t = torch.full((len(keys),), step)
+        noisy = teacher.scheduler.add_noise(latents, noise, t)
+        for c in range(len(prompts)):
+            for start in range(0, len(keys), 128):
+                rows = slice(start, start + 128)
+                n = len(keys[rows])
+                eps = teacher.unet(
+                    noisy[rows], t[rows], encoder_hidden_states=context[c : c + 1].expand(n, -1, -1)
+                )
+                errors[rows, c] += (eps.sample.float() - noise[rows]).square().mean(dim=(1, 2, 3))
+    return (errors.argmin(1) == labels).float().mean().item()
+
+
+@torch.no_grad()
+def prompt_prototypes(
+    teacher: StableDiffusionTeacher,
+    train: tuple[torch.Tensor, list[str], torch.Tensor],
+    test: tuple[torch.Tensor, list[str], torch.Tensor],
+    prompts: list[str],
+) -> float:
+    """Accuracy of argmax_c cos(f(x | prompt_c), P_c), P_c = mean of f(x' | prompt_c) over class-c rows x'.
+
+    f is the pooled decoder feature conditioned on a class prompt: does conditioning on the right
+    prompt give the features that images of that class have under it?
+    """
+    (train_x, train_keys, train_y), (test_x, test_keys, test_y) = train, test
+    scores = torch.zeros(len(test_keys), len(prompts))
+    for c, prompt in enumerate(prompts):
+        on_train = pooled_features(teacher, train_x, train_keys, prompt)
+        on_test = pooled_features(teacher, test_x, test_keys, prompt)
+        mean = on_train.mean(0)
+        prototype = (on_train[train_y == c] - mean).mean(0)
+        scores[:, c] = F.cosine_similarity(on_test - mean, prototype[None], dim=1)
+    return (scores.argmax(1) == test_y).float().mean().item()
+
+
+def teacher_scores(
+    teacher: StableDiffusionTeacher, public: Any, val: Any, settings: PretrainSettings
+) -> dict[str, float]:
+    """The check's numbers for one teacher (public rows train the probes, val rows are scored)."""
+    n_train, n_test = min(settings.check_public, len(public.ids)), min(settings.check_images, len(val.ids))
+    train_x, train_keys = public.images[:n_train], public.ids[:n_train]
+    test_x, test_keys = val.images[:n_test], val.ids[:n_test]
+    train_f, test_f = (
+        pooled_features(teacher, train_x, train_keys),
+        pooled_features(teacher, test_x, test_keys),
+    )
+    out: dict[str, float] = {}
+    for name, column in (("shape", "image_labels"), ("scene", "text_labels")):
+        train_y, test_y = getattr(public, column)[:n_train], getattr(val, column)[:n_test]
+        out[f"{name}/nearest_centroid"] = nearest_centroid(train_f, train_y, test_f, test_y)
+        out[f"{name}/linear_probe"] = linear_probe(train_f, train_y, test_f, test_y)
+    shape_prompts = teacher.prompts(list(val.image_classes))
+    test_y = val.image_labels[:n_test]
+    out["shape/diffusion_classifier"] = diffusion_classifier(
+        teacher, test_x, test_keys, test_y, shape_prompts
+    )
+    n_proto = min(n_train, 300)
+    out["shape/prompt_prototypes"] = prompt_prototypes(
+        teacher,
+        (train_x[:n_proto], train_keys[:n_proto], public.image_labels[:n_proto]),
+        (test_x, test_keys, test_y),
+        shape_prompts,
+    )
+    return out
+
+
+def pixel_scores(public: Any, val: Any, settings: PretrainSettings) -> dict[str, float]:
+    """The same probes on raw pixels (16 x 16, flattened): what any feature should beat."""
+    n_train, n_test = min(settings.check_public, len(public.ids)), min(settings.check_images, len(val.ids))
+    train_f = to_pixels(public.images[:n_train], 16).flatten(1)
+    test_f = to_pixels(val.images[:n_test], 16).flatten(1)
+    out = {}
+    for name, column in (("shape", "image_labels"), ("scene", "text_labels")):
+        train_y, test_y = getattr(public, column)[:n_train], getattr(val, column)[:n_test]
+        out[f"{name}/nearest_centroid"] = nearest_centroid(train_f, train_y, test_f, test_y)
+        out[f"{name}/linear_probe"] = linear_probe(train_f, train_y, test_f, test_y)
+    return out
+
+
+def random_teacher_folder(
+    folder: Path, trained: Path, settings: PretrainSettings, pixels: torch.Tensor
+) -> Path:
+    """The same architecture at random weights (tokenizer copied), in SD's layout, for the baseline."""
+    shutil.copytree(trained / "tokenizer", folder / "tokenizer")
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    parts = build_parts(settings, tokenizer, derive_seed(settings.seed, "pretrain", "random-baseline"))
+    mean, _ = posterior_moments(parts["vae"], pixels[:512])
+    parts["vae"].register_to_config(scaling_factor=1.0 / mean.std().item())
+    save_sd_folder(folder, parts)
+    return folder
+
+
+def quality_check(
+    folder: Path, world: Any, settings: PretrainSettings, pixels: torch.Tensor
+) -> dict[str, Any]:
+    """Trained teacher vs random weights vs pixels on the world's val split (see the module docstring)."""
+    public, val = world.split("public"), world.split("val")
+    start = time.monotonic()
+    trained = teacher_scores(
+        StableDiffusionTeacher.load(TeacherSettings(model=str(folder))), public, val, settings
+    )
+    with tempfile.TemporaryDirectory(prefix="mmfed-random-teacher-") as tmp:
+        random_folder = random_teacher_folder(Path(tmp), folder, settings, pixels)
+        baseline = teacher_scores(StableDiffusionTeacher.load(TeacherSettings(model=str(random_folder))),
+                                  public, val, settings)  # fmt: skip
+    return {
+        "trained": trained,
+        "random": baseline,
+        "pixels": pixel_scores(public, val, settings),
+        "chance": {"shape": 1 / len(val.image_classes), "scene": 1 / len(val.text_classes)},
+        "rows": {
+            "public": min(settings.check_public, len(public.ids)),
+            "val": min(settings.check_images, len(val.ids)),
+        },
+        "seconds": time.monotonic() - start,
+    }
+
+
+# ----------------------------------------------------------------------------- the command
+def build_parts(settings: PretrainSettings, tokenizer: Any, seed: int) -> dict[str, Any]:
+    """Freshly initialised SD parts at the settings' sizes (torch's global RNG is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts = tiny_parts(
+            vocab_size=len(tokenizer.get_vocab()),
+            eos_token_id=tokenizer.eos_token_id,
+            sample_size=settings.latent_size,
+            text_width=settings.text_width,
+            text_layers=settings.text_layers,
+            max_length=settings.max_length,
+            vae_channels=settings.vae_channels,
+            unet_channels=settings.unet_channels,
+            attention_head_dim=settings.attention_head_dim,
+            norm_groups=8,
+        )
+    return {"tokenizer": tokenizer, **parts}
+
+
+def pretrain(
+    settings: PretrainSettings, quiet: bool = False, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train, save (temp folder, then rename) and check a teacher; returns path, seconds, losses, quality."""
+    from mmfed.data.synthetic import SyntheticWorld
+
+    start = time.monotonic()
+    out = Path(settings.out).expanduser()
+    world = SyntheticWorld(seed=settings.world_seed, n_public=settings.n_public, n_val=settings.n_val)
+    public = world.split("public")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        words = words_of(
+            [c for row in public.captions for c in row]
+            + [CLASS_TEMPLATE.format(c) for c in class_names(public)]
+        )
+        tokenizer = write_tokenizer(tmp / "tokenizer", words, settings.max_length)
+        parts = build_parts(settings, tokenizer, derive_seed(settings.seed, "pretrain", "init"))
+        data = PublicPairs(public, tokenizer, settings.resolution)
+        seconds = settings.minutes * 60
+        losses = train_vae(parts["vae"], data.pixels, settings,
+                           Budget(seconds * settings.vae_fraction, settings.vae_steps), quiet)  # fmt: skip
+        mean, _ = posterior_moments(parts["vae"], data.pixels)
+        scaling = 1.0 / mean.std().item()  # SD's recipe: unit-variance latents for the U-Net
+        parts["vae"].register_to_config(scaling_factor=scaling)
+        losses["scaling_factor"] = scaling
+        remaining = seconds - (time.monotonic() - start)
+        losses |= train_denoiser(parts, data, mean * scaling, settings,
+                                 Budget(max(remaining, 1.0), settings.steps), quiet)  # fmt: skip
+        save_sd_folder(tmp, {k: v for k, v in parts.items() if k != "tokenizer"})
+        train_seconds = time.monotonic() - start
+        meta = {
+            "settings": config or dict(vars(settings)),
+            "world_seed": settings.world_seed,
+            "seconds": train_seconds,
+            "losses": losses,
+            "vocab_size": len(tokenizer.get_vocab()),
+            "torch_threads": torch.get_num_threads(),
+        }
+        save_json(meta, tmp / META_FILE)
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    quality = quality_check(out, world, settings, data.pixels)
+    meta |= {"quality": quality, "total_seconds": time.monotonic() - start}
+    save_json(meta, out / META_FILE)
+    return {"path": str(out), **meta}
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Replace `out` by the finished `tmp` folder with renames (an old teacher goes only at the end)."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def pretrain_from_overrides(overrides: list[str], quiet: bool = False) -> dict[str, Any]:
+    settings, config = settings_from(overrides)
+    return pretrain(settings, quiet=quiet, config=config)
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """A few lines: where the teacher is, how long it took, the final losses, the quality table."""
+    losses = result["losses"]
+    lines = [
+        f"teacher saved to {result['path']}",
+        f"trained {result['seconds']:.0f} s (total with the check {result.get('total_seconds', 0):.0f} s): "
+        f"VAE {losses['vae_steps']} steps (recon mse {losses['vae_recon_mse']:.4f}), "
+        f"U-Net {losses['unet_steps']} steps (eps {losses['eps_loss']:.4f}, "
+        f"contrastive {losses['contrastive_loss']:.3f}, prompt {losses['prompt_loss']:.3f})",
+    ]
+    quality = result.get("quality")
+    if quality:
+        lines.append(
+            f"quality on {quality['rows']['val']} val rows "
+            f"(probes fitted on {quality['rows']['public']} public rows):"
+        )
+        lines.append("| accuracy | trained | random weights | pixels |")
+        lines.append("| --- | --- | --- | --- |")
+        for key in quality["trained"]:
+            pixels = quality["pixels"].get(key)
+            pixel_text = f"{pixels:.3f}" if pixels is not None else "-"
+            lines.append(
+                f"| {key} | {quality['trained'][key]:.3f} | {quality['random'][key]:.3f} | {pixel_text} |"
+            )
+        chance = quality["chance"]
+        lines.append(f"chance: shape {chance['shape']:.3f}, scene {chance['scene']:.3f}")
+    return "\n".join(lines)

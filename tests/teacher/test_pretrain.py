@@ -1,0 +1,137 @@
+"""`mmfed teacher pretrain` at a tiny size: a few steps, a few rows, the real save and load path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import regex
+import torch
+
+import mmfed  # noqa: F401  (the torchvision guard)
+from mmfed.cli import main
+from mmfed.config import ConfigError
+from mmfed.data.synthetic import SyntheticWorld
+from mmfed.teacher import pretrain as pretrain_module
+from mmfed.teacher.model import StableDiffusionTeacher, TeacherSettings
+from mmfed.teacher.pretrain import (
+    META_FILE,
+    format_result,
+    linear_probe,
+    nearest_centroid,
+    pretrain_from_overrides,
+)
+
+TINY = [
+    "minutes=5",  # the step caps end it
+    "steps=3",
+    "vae_steps=2",
+    "n_public=24",
+    "n_val=8",
+    "resolution=16",
+    "batch_size=8",
+    "vae_batch_size=8",
+    "text_width=16",
+    "text_layers=1",
+    "max_length=32",
+    "vae_channels=[8,16]",
+    "unet_channels=[8,16,16,16]",
+    "attention_head_dim=4",
+    "check_images=8",
+    "check_public=24",
+]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_pretrain_writes_a_teacher_that_loads(tmp_path: Path) -> None:
+    out = tmp_path / "teacher"
+    out.mkdir()
+    (out / "stale.txt").write_text("an older teacher")  # replaced as a whole at the end
+    result = pretrain_from_overrides([f"out={out}", *TINY], quiet=True)
+    assert result["path"] == str(out)
+    names = {p.name for p in out.iterdir()}
+    assert names == {"model_index.json", "tokenizer", "text_encoder", "vae", "unet", "scheduler", META_FILE}
+    assert leftovers(tmp_path) == []
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["world_seed"] == 0 and meta["settings"]["steps"] == 3
+    assert meta["losses"]["unet_steps"] == 3 and meta["losses"]["vae_steps"] == 2
+    assert (
+        set(meta["quality"]["trained"])
+        == set(meta["quality"]["random"])
+        >= {
+            "shape/linear_probe",
+            "shape/diffusion_classifier",
+            "scene/nearest_centroid",
+        }
+    )
+    teacher = StableDiffusionTeacher.load(TeacherSettings(model=str(out)))
+    assert teacher.resolution == 16 and teacher.text_dim == 16
+    assert teacher.vae.config.scaling_factor == pytest.approx(meta["losses"]["scaling_factor"])
+    features = teacher.unet_features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), ["a", "b"])
+    assert {b: f.shape[1] for b, f in features.items()} == {1: 16, 2: 16, 3: 8}
+    # the tokenizer knows every word of the public captions as one token (CLIP's pre-tokens)
+    captions = SyntheticWorld(seed=0, n_public=24).split("public").captions
+    for caption in (captions[0][0], captions[23][4]):
+        pieces = regex.findall(r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", caption.lower())
+        assert [t.removesuffix("</w>") for t in teacher.tokenizer.tokenize(caption)] == pieces
+    text = format_result(result)
+    assert str(out) in text and "| shape/linear_probe |" in text
+
+
+def test_a_failed_pretrain_leaves_the_old_teacher_and_no_temp_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "teacher"
+    out.mkdir()
+    (out / "model_index.json").write_text("{}")
+
+    def fail_half_way(folder: Path, parts: dict) -> None:
+        (folder / "unet").mkdir()
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pretrain_module, "save_sd_folder", fail_half_way)
+    with pytest.raises(RuntimeError, match="disk full"):
+        pretrain_from_overrides([f"out={out}", *TINY], quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json"]
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("nope=1", r"teacher_pretrain\.nope"),
+        ("minutes=soon", r"teacher_pretrain\.minutes"),
+        ("minutes=0", r"teacher_pretrain\.minutes must be > 0"),
+        ("steps=-1", r"teacher_pretrain\.steps must be > 0"),
+        ("empty_prompt=1.5", r"teacher_pretrain\.empty_prompt must be in \[0, 1\)"),
+        ("resolution=40", r"teacher_pretrain\.resolution=40 must be a multiple of 32"),
+        ("unet_channels=[8,16]", r"teacher_pretrain\.unet_channels needs SD's 4 stages"),
+        ("minutes", "is not key=value"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(override: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern) as error:
+        pretrain_from_overrides([override], quiet=True)
+    assert "\n" not in str(error.value)
+
+
+def test_cli_reports_a_bad_key_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["teacher", "pretrain", "quiet=true", "nope=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmfed: error:") and "teacher_pretrain.nope" in err and "\n" not in err
+
+
+def test_probes_on_separable_and_on_shuffled_labels() -> None:
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=generator) * 5
+    labels = torch.arange(90) % 3
+    points = centres[labels] + torch.randn(90, 8, generator=generator)
+    train, test = (points[:60], labels[:60]), (points[60:], labels[60:])
+    assert nearest_centroid(*train, *test) == 1.0
+    assert linear_probe(*train, *test) == 1.0
+    noise = torch.randn(90, 8, generator=generator)  # features that say nothing about the labels
+    assert nearest_centroid(noise[:60], labels[:60], noise[60:], labels[60:]) < 0.7
