@@ -129,13 +129,13 @@ class TeacherSpace(ServerStep):
         text = caption_features(feats, public, rows)  # [N, Dt]
         image_cls, text_cls = self.classes(public)
         prompts = [feats.prompts(c) for c in (image_cls, text_cls) if c]
-        self.text_map = fit_pca(torch.cat([text, *prompts]), dim)
-        self.text_map = _unit_scale(self.text_map, text)
+        fitted_on = torch.cat([text, *prompts])
+        self.text_map = _padded(_unit_scale(fit_pca(fitted_on, _rank(fitted_on, dim)), text), dim)
         image = image_features(feats, self.image_source, public, rows, progress="teacher features (public)")
         if self.image_reduction == "ridge":
             self.image_map = fit_ridge(image, self.text_map.apply(text), ridge=self.ridge)
         else:
-            self.image_map = _unit_scale(fit_pca(image, dim), image)
+            self.image_map = _padded(_unit_scale(fit_pca(image, _rank(image, dim)), image), dim)
         self.fit_seconds = time.perf_counter() - started
         self._fitted_now = True
 
@@ -191,6 +191,24 @@ def _embed_dim(round_: ServerRound) -> int:
     raise ValueError("teacher_space: the global model has no encoder to read the latent dimension from")
 
 
+def _rank(x: torch.Tensor, dim: int) -> int:
+    """Components a PCA of `x` can have: a teacher narrower than D (a small text encoder) gives fewer."""
+    return min(dim, x.shape[1], x.shape[0] - 1)
+
+
+def _padded(reduction: Reduction, dim: int) -> Reduction:
+    """Zero columns up to D: the teacher's space then spans the first components only, and a cosine
+    or L2 target leaves the other latent dimensions to the task losses."""
+    missing = dim - reduction.matrix.shape[1]
+    if missing <= 0:
+        return reduction
+    state = reduction.state_dict()
+    state["matrix"] = torch.cat([state["matrix"], torch.zeros(state["matrix"].shape[0], missing)], dim=1)
+    if state.get("offset") is not None:
+        state["offset"] = torch.cat([state["offset"], torch.zeros(missing)])
+    return Reduction.from_state_dict(state)
+
+
 def _unit_scale(reduction: Reduction, fitted_on: torch.Tensor) -> Reduction:
     """Scale a map so that the features it was fitted on have unit mean norm (an L2 loss then has the
     same scale whatever the teacher's feature magnitudes)."""
@@ -234,8 +252,9 @@ class TeacherView:
     def text_to_teacher(self, latent: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., Dt]: the inverse of the text PCA (its transpose), for conditioning prompts on
         a local feature (TDCL conditioned mode)."""
-        scale = (self.text_matrix.norm(dim=0) ** 2).clamp(min=1e-12)  # [D]: PCA columns are orthogonal
-        return (latent / scale) @ self.text_matrix.T + self.text_mean
+        norms = self.text_matrix.norm(dim=0) ** 2  # [D]: PCA columns are orthogonal; padded ones are 0
+        inverse = torch.where(norms > 0, 1 / norms.clamp(min=1e-12), torch.zeros_like(norms))
+        return (latent * inverse) @ self.text_matrix.T + self.text_mean
 
 
 def normalized(x: torch.Tensor) -> torch.Tensor:

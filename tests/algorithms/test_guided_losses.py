@@ -130,3 +130,15 @@ def test_teacher_view_maps_and_inverts_the_text_pca() -> None:
     assert torch.allclose(z, text_map.apply(raw[:5]), atol=1e-5)
     assert torch.allclose(view.text_to_teacher(z), raw[:5], atol=1e-3)  # exact inverse on the PCA span
     assert torch.allclose(view.image(torch.ones(2, 4)), torch.full((2, 3), 2.0))  # (x - mean) @ M + offset
+
+
+def test_a_teacher_narrower_than_the_latent_space_is_padded() -> None:
+    from mmfed.algorithms.teacher_space import _padded, _rank, _unit_scale
+    from mmfed.teacher.reduce import fit_pca
+
+    raw = torch.randn(40, 6)  # a 6-wide teacher, D = 16
+    reduction = _padded(_unit_scale(fit_pca(raw, _rank(raw, 16)), raw), 16)
+    mapped = reduction.apply(raw)
+    assert mapped.shape == (40, 16)
+    assert torch.equal(mapped[:, 6:], torch.zeros(40, 10))  # the teacher spans the first 6 only
+    assert mapped.norm(dim=-1).mean().item() == pytest.approx(1.0, rel=1e-5)
