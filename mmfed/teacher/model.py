@@ -312,7 +312,10 @@ class StableDiffusionTeacher:
         """
         device = settings.resolved_device()
         for part in ("text_encoder", "vae", "unet"):
-            _pin_eval(modules[part].to(device=device, dtype=DTYPES[settings.dtype]))
+            module = modules[part].to(device=device)
+            if settings.dtype != "float32":  # (a float32 .to() makes diffusers warn for nothing)
+                module = module.to(dtype=DTYPES[settings.dtype])
+            _pin_eval(module)
         return cls(
             _Parts(**{p: modules[p] for p in PART_FOLDERS}, identity_revision=revision), settings, device
         )
