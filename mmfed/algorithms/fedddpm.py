@@ -1,15 +1,18 @@
 """FedDDPM and FedDDPM+: diffusion-generated auxiliary data that corrects the global model.
 
-(After "FedDDPM: Federated learning with diffusion-generated auxiliary data", the idea of
-non-IID FL corrected by server-side synthetic data.) Before round 1 every client with labelled
-images trains a small class-conditional DDPM (Ho et al. 2020) on its own data and uploads it once
-(`ClassDiffusionTask`, a *client task* of the one-time "prepare" stage). The server samples an
+After Peng et al., "Federated Learning for Diffusion Models" (arXiv:2503.06426, 2025), which
+introduces FedDDPM and FedDDPM+; the slow-learning rule below is this code's own, configurable
+choice (the abstract describes detection and a one-shot correction, not a rule).
+
+Before round 1 every client with labelled images trains a small class-conditional DDPM (Ho et al.
+2020) on its own data and uploads it once (`ClassDiffusionTask`, a *client task* of the one-time
+"prepare" stage). The server samples an
 auxiliary labelled set D_aux from the uploaded models (DDIM, Song et al. 2021) whose class counts
 approximate the global label distribution p(y) = sum_k n_k(y) / sum_k n_k (clients report counts,
 never data), and after the round's aggregation fine-tunes the global model on D_aux
 (`AuxDataCorrection`):
 
-    w <- w - lr * grad_w  CE( h(f(x_aux)), y_aux ),    correction_steps Adam steps on the image
+    w <- w - lr * grad_w  CE( h(f(x_aux)), y_aux ),    `correction_steps` AdamW steps on the image
                                                        encoder f and image head h (text side untouched)
 
 FedDDPM corrects after every aggregation (`trigger: always`). FedDDPM+ (`trigger: plateau`)
@@ -436,6 +439,7 @@ class AuxDataCorrection(ServerStep):
         metrics["cost/upload_bytes"] = float(sum(r.nbytes for r in uploads))
         metrics["cost/sampling_seconds"] = sampling_seconds
         metrics["models"] = float(len(uploads))
+        metrics["cached_models"] = sum(r.metrics.get("ddpm/cached", 0.0) for r in uploads)
         metrics["aux_samples"] = float(len(self.aux_labels))
         metrics["aux_classes"] = float(sum(1 for n in plan if n))
         metrics["diffusion_steps"] = sum(r.metrics["ddpm/steps"] for r in uploads) / len(uploads)
