@@ -522,7 +522,9 @@ def _cost_totals(metrics_file: Path) -> dict[str, float]:
     """Every ``cost/...`` metric summed over the rounds in metrics.jsonl (the run's total cost)."""
     totals: dict[str, float] = {}
     for line in metrics_file.read_text().splitlines():
-        for key, value in json.loads(line).items() if line.strip() else ():
+        if not line.strip():
+            continue
+        for key, value in json.loads(line).items():
             if key.startswith(COST_PREFIX):
                 totals[key] = totals.get(key, 0.0) + float(value)
     return totals
