@@ -22,12 +22,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from runs import train_run  # eval/runs.py (the scripts run as `python eval/<script>.py`)
 
 COMMON = ["evaluation.selection_metric=classification/image/acc"]
 METHODS: dict[str, list[str]] = {
@@ -54,42 +55,21 @@ JUDGE_WORLD = {"seed": 1234, "n_train": 12000}
 def run(method: str, alpha: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     suffix = "" if args.scale == "small" else f"-{args.scale}"
     folder = args.out / "runs" / f"{method}-a{alpha}-s{seed}{suffix}"
-    summary = folder / "summary.json"
-    if not summary.exists():
-        command = [
-            sys.executable,
-            "-m",
-            "mmfed.cli",
-            "train",
-            *METHODS[method],
-            *COMMON,
-            f"partition.alpha={alpha}",
-            f"seed={seed}",
-            f"device={args.device}",
-            "quiet=true",
-            f"run_dir={folder}",
-        ]
-        if method != "fedavg":
-            cache = args.out / "runs" / f"diffusion_cache_{args.scale}"
-            command += [*SCALES[args.scale], f"algorithm.client_tasks.diffusion.cache_dir={cache}"]
-        if (folder / "config.yaml").exists():
-            command.append("resume=true")
-        began = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, env=_env())
-        if result.returncode != 0:
-            raise RuntimeError(f"{method} alpha={alpha} seed={seed} failed: {result.stderr.strip()[-800:]}")
-        print(f"  {method:9} alpha={alpha} seed={seed}: {time.perf_counter() - began:.0f} s", flush=True)
-    result = json.loads(summary.read_text())
+    overrides = [
+        *METHODS[method],
+        *COMMON,
+        f"partition.alpha={alpha}",
+        f"seed={seed}",
+        f"device={args.device}",
+    ]
+    if method != "fedavg":
+        cache = args.out / "runs" / f"diffusion_cache_{args.scale}"
+        overrides += [*SCALES[args.scale], f"algorithm.client_tasks.diffusion.cache_dir={cache}"]
+    result = train_run(folder, overrides, f"{method:9} alpha={alpha} seed={seed}")
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     result["corrections"] = sum(r.get("server/fedddpm/fired", 0.0) for r in records)
     result["run_dir"] = str(folder)
     return result
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # one core per run: --jobs runs share the machine
-    return env
 
 
 # ----------------------------------------------------------------------------- sample quality
@@ -193,6 +173,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each on one thread)")
     parser.add_argument("--out", type=Path, default=Path("eval/results/compare_fedddpm"))
     args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per run: --jobs runs share the machine
     grid = [(a, s) for a in args.alphas for s in args.seeds]
     began = time.perf_counter()
     results: dict[tuple[str, float, int], dict[str, Any]] = {}
