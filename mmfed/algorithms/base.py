@@ -17,7 +17,7 @@ from torch import nn
 from mmfed.data.layout import CLIENT_KINDS, ClientSpec
 from mmfed.data.samples import MultimodalSplit
 from mmfed.models.multimodal import MultimodalModel
-from mmfed.protocol import Payload, Reply
+from mmfed.protocol import Message, Payload, Reply
 
 # Payload tensor names shared by server steps, loss terms and the client runtime.
 PUBLIC_INDICES = "public/indices"  # int64 [N]: rows of the public split used this round
@@ -91,6 +91,9 @@ class ServerStep:
 
     stage: str = "fit"
     uses_public: bool = False  # True: the run loads the public split and hands it to the step
+    # True: the step also takes part in a one-time "prepare" stage (round 0) before round 1, where
+    # clients run `algorithm.client_tasks` (e.g. train and upload a diffusion model once)
+    prepares: bool = False
     # Global-model parts this step trains; the global model is built with the union over the steps,
     # so a part nothing trains (e.g. heads under pure distillation) is neither built nor evaluated.
     trains_parts: tuple[str, ...] = ()
@@ -103,11 +106,31 @@ class ServerStep:
         """Consume the replies (update `round_.global_model` in place); return metrics to log."""
         return {}
 
+    def observe(self, round_: int, metrics: dict[str, float]) -> None:
+        """After round `round_`'s evaluation: the validation metrics (``val/...``), e.g. to detect
+        slow learning. Nothing by default."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state
+
+
+class ClientTask:
+    """Work a client does once, in the prepare stage, before round 1 (listed in
+    ``algorithm.client_tasks``): `run` returns a message fragment (tensors, config, metrics) that
+    becomes part of the client's reply, e.g. a model trained on its data and uploaded once."""
+
+    kinds: tuple[str, ...] = CLIENT_KINDS
+
+    def applies_to(self, kind: str) -> bool:
+        return kind in self.kinds
+
+    def run(
+        self, split: MultimodalSplit, kind: str, cid: str, seed: int, device: torch.device, quiet: bool
+    ) -> Message:
+        raise NotImplementedError
 
 
 def draw_public_sample(round_: ServerRound, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmfed.algorithms.base import ServerRound, ServerStep
+from mmfed.algorithms.base import ClientTask, ServerRound, ServerStep
 from mmfed.config import check_choice, check_positive, register
 from mmfed.data.layout import ClientSpec
 from mmfed.data.samples import MultimodalSplit
@@ -72,7 +72,7 @@ RULES = ("best", "last")
 
 # ----------------------------------------------------------------------------- client task
 @register("client_task", "class_diffusion")
-class ClassDiffusionTask:
+class ClassDiffusionTask(ClientTask):
     """Prepare stage, client side: train a class-conditional DDPM on the client's labelled images.
 
     A client task runs once, before round 1, on clients whose kind is in `kinds`; it returns a
@@ -123,9 +123,6 @@ class ClassDiffusionTask:
         noise_schedule(**self.schedule)
         self.label_dropout = label_dropout if guidance else 0.0
         self.batch_size, self.lr, self.transport_dtype = batch_size, lr, transport_dtype
-
-    def applies_to(self, kind: str) -> bool:
-        return kind in self.kinds
 
     def run(
         self, split: MultimodalSplit, kind: str, cid: str, seed: int, device: torch.device, quiet: bool

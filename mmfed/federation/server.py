@@ -106,7 +106,7 @@ class Server:
     @property
     def prepares(self) -> bool:
         """Whether some step declares `prepares = True` (a one-time "prepare" stage before round 1)."""
-        return any(getattr(step, "prepares", False) for step in self.steps.values())
+        return any(step.prepares for step in self.steps.values())
 
     def prepare(self, engine: Engine) -> tuple[dict[str, float], RoundTraffic]:
         """The one-time prepare stage (round 0), for every client and the steps that declare it.
@@ -115,7 +115,7 @@ class Server:
         their configured client tasks (e.g. train and upload a diffusion model). Its non-cost
         metrics are named ``prepare/<step>/<key>``.
         """
-        steps = {name: step for name, step in self.steps.items() if getattr(step, "prepares", False)}
+        steps = {name: step for name, step in self.steps.items() if step.prepares}
         context = ServerRound(0, self.seed, self.global_model, self.clients, self.public, stage="prepare")
         metrics: dict[str, float] = {}
         traffic = RoundTraffic()
@@ -163,9 +163,7 @@ class Server:
         """After a round's evaluation, steps with an `observe(round, metrics)` hook see the validation
         metrics (named as in metrics.jsonl, ``val/...``), e.g. to detect slow learning."""
         for step in self.steps.values():
-            hook = getattr(step, "observe", None)
-            if hook is not None:
-                hook(round_, metrics)
+            step.observe(round_, metrics)
 
     def state_dict(self) -> dict[str, object]:
         return {name: step.state_dict() for name, step in self.steps.items()}
