@@ -39,14 +39,14 @@ def test_flower_simulation_gives_the_embedded_metrics(tmp_path: Path, one_thread
     assert main(["train", *TINY, "engine=flower", f"run_dir={tmp_path / 'flower'}"]) == 0
 
     flower, embedded = _summary(tmp_path / "flower"), _summary(tmp_path / "embedded")
-    assert _close(flower, embedded), (flower, embedded)
+    assert _close(flower, embedded), _differences(flower, embedded)
     records = _records(tmp_path / "flower")
     assert [r["round"] for r in records] == [1, 2]
     assert all(r["failures"] == [] and r["clients"] == 3.0 for r in records)
     assert {"train/image/loss", "train/text/loss", "train/paired/loss"} <= records[-1].keys()
     for mine, theirs in zip(records, _records(tmp_path / "embedded"), strict=True):
         assert mine.keys() == theirs.keys()
-        assert _close(mine, theirs), (mine, theirs)
+        assert _close(mine, theirs), _differences(mine, theirs)
     for name in ("config.yaml", "partition.json", "checkpoints/best.pt", "plots/rsum.png"):
         assert (tmp_path / "flower" / name).exists(), name
 
@@ -60,3 +60,11 @@ def _close(a: Any, b: Any) -> bool:
     if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
         return a == pytest.approx(b, rel=1e-6, abs=1e-9)
     return a == b
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """The keys where `a` and `b` differ (what a failed `_close` reports)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        found = [f"{path}/{k}: only on one side" for k in a.keys() ^ b.keys()]
+        return found + [d for k in a.keys() & b.keys() for d in _differences(a[k], b[k], f"{path}/{k}")]
+    return [] if _close(a, b) else [f"{path}: {a!r} != {b!r}"]
