@@ -140,7 +140,7 @@ def main() -> None:
             resolution=args.resolution,
         )
         teacher = sd15_teacher(settings) if args.arch else StableDiffusionTeacher.load(settings)
-        name = args.arch or ("tiny-random" if not args.model else args.model)
+        name = args.arch or (Path(args.model).name if args.model else "tiny-random")
         generator = torch.Generator().manual_seed(0)
         size = teacher.resolution
         images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, generator=generator)

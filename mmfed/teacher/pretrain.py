@@ -79,8 +79,10 @@ class PretrainSettings:
     cap and enough minutes the run is reproducible step for step). `world_seed` / `n_public` /
     `n_val`: the synthetic world whose public split is trained on and whose val split is checked.
     `threads`: torch's intra-op threads for the run (None: torch's default, i.e. OMP_NUM_THREADS).
-    On a CPU shared with other jobs, fewer threads can be faster: on this 2-core machine under
-    load, a small U-Net step took 0.24 s with 1 thread and 0.7-0.9 s with 2 (measured).
+    1 by default because the 2-core machine this was made on is shared: under load a small U-Net
+    step took 0.24 s with 1 thread and 0.7-0.9 s with 2, and a default run with 2 threads made 75
+    U-Net steps in 231 s where the same run with 1 thread made 1969 in about 630 s (OpenMP threads
+    wait on each other when a core is busy). On a dedicated many-core machine set threads=null.
     """
 
     def __init__(
@@ -113,7 +115,7 @@ class PretrainSettings:
         attention_head_dim: int = 8,
         check_images: int = 200,
         check_public: int = 1000,
-        threads: int | None = None,
+        threads: int | None = 1,
     ) -> None:
         for key, value in (("minutes", minutes), ("n_public", n_public), ("n_val", n_val),
                            ("resolution", resolution), ("batch_size", batch_size), ("lr", lr),
@@ -712,6 +714,7 @@ def pretrain(
 def publish(tmp: Path, out: Path) -> None:
     """Replace `out` by the finished `tmp` folder with renames (an old teacher goes only at the end)."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    tmp.chmod(0o755)  # mkdtemp makes it private; a teacher is read by other users' runs too
     if out.exists():
         out.rename(old)
     tmp.rename(out)
