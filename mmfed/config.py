@@ -109,6 +109,35 @@ if not OmegaConf.has_resolver("digest"):
     OmegaConf.register_new_resolver("digest", config_digest)
 
 
+def settings_from_overrides(
+    group: str, overrides: list[str], name: str = "default"
+) -> tuple[Any, dict[str, Any]]:
+    """A registered component built from ``key=value`` overrides outside Hydra's composition (the
+    `mmfed personalize` / `mmfed teacher pretrain` options), with its resolved config as a dict.
+
+    An unknown key or a wrong type is a `ConfigError` naming ``<group>.<key>``.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = OmegaConf.structured(node_for(registered(group)[name]))
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{group}: override {item!r} is not key=value")
+    problem = None
+    try:
+        cfg = OmegaConf.merge(node, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as error:  # an unknown key or a wrong type, with the key's name
+        key = getattr(error, "full_key", "") or "?"
+        problem = f"config key '{group}.{key}': {' '.join(str(error).split('full_key:')[0].split())}"
+    if problem:  # raised outside the handler: the CLI prints this line, not OmegaConf's chain
+        raise ConfigError(problem)
+    settings = instantiate(cfg, group)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("_target_", None)
+    return settings, container
+
+
 def registered(group: str) -> dict[str, type]:
     return dict(REGISTRY.get(group, {}))
 

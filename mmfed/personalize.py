@@ -34,13 +34,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from mmfed.config import (
-    ConfigError,
     check_choice,
     check_positive,
-    instantiate,
     node_for,
     register,
     registered,
+    settings_from_overrides,
 )
 from mmfed.data.layout import ClientSpec
 from mmfed.data.samples import MultimodalSplit
@@ -106,25 +105,7 @@ class PersonalizeSettings:
 
 def settings_from(overrides: list[str]) -> tuple[PersonalizeSettings, dict[str, Any]]:
     """Settings from ``key=value`` overrides of the registered ``personalize`` config (and the config)."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    node = OmegaConf.structured(node_for(registered("personalize")["default"]))
-    for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"personalize: override {item!r} is not key=value")
-    problem = None
-    try:
-        cfg = OmegaConf.merge(node, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as error:  # an unknown key or a wrong type, with the key's name
-        key = getattr(error, "full_key", "") or "?"
-        problem = f"config key 'personalize.{key}': {' '.join(str(error).split('full_key:')[0].split())}"
-    if problem:  # raised outside the handler: the CLI reports this message, not OmegaConf's key
-        raise ConfigError(problem)
-    settings: PersonalizeSettings = instantiate(cfg, "personalize")
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("_target_", None)
-    return settings, container
+    return settings_from_overrides("personalize", overrides)
 
 
 # ----------------------------------------------------------------------------- one client

@@ -54,11 +54,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmfed.config import ConfigError, check_positive, instantiate, node_for, register, registered
+from mmfed.config import check_positive, register, settings_from_overrides
 from mmfed.teacher.model import StableDiffusionTeacher, TeacherSettings, default_teacher
 from mmfed.teacher.tiny import save_sd_folder, tiny_parts, words_of, write_tokenizer
 from mmfed.utils.io import save_json
@@ -165,24 +164,7 @@ class PretrainSettings:
 
 def settings_from(overrides: list[str]) -> tuple[PretrainSettings, dict[str, Any]]:
     """Settings from ``key=value`` overrides of the registered config (and the resolved config)."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    node = OmegaConf.structured(node_for(registered("teacher_pretrain")["default"]))
-    for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"teacher pretrain: override {item!r} is not key=value")
-    problem = None
-    try:
-        cfg = OmegaConf.merge(node, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as error:  # an unknown key or a wrong type, with the key's name
-        key = getattr(error, "full_key", "") or "?"
-        problem = f"config key 'teacher_pretrain.{key}': {' '.join(str(error).split('full_key:')[0].split())}"
-    if problem:  # raised outside the handler: the CLI prints this line, not OmegaConf's
-        raise ConfigError(problem)
-    settings: PretrainSettings = instantiate(cfg, "teacher_pretrain")
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("_target_", None)
+    settings, container = settings_from_overrides("teacher_pretrain", overrides)
     container["out"] = settings.out
     return settings, container
 
