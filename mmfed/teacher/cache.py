@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmfed.config import check_positive
-from mmfed.utils.io import _atomic, load_json, save_json
+from mmfed.utils.io import atomic_write, load_json, save_json
 
 FINGERPRINT_FILE = "fingerprint.json"
 SHARD_PREFIX = "shard-"
@@ -326,7 +326,7 @@ class FeatureCache:
     ) -> str:
         """Data first, then the JSON marker that makes it visible; both atomic and fsync'd."""
         name = f"{SHARD_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        _atomic(self.folder / f"{name}.npy", write)
+        atomic_write(self.folder / f"{name}.npy", write)
         marker = {"keys": keys, "shape": list(shape), "seconds": seconds, "computed": computed}
         save_json(marker, self.folder / f"{name}.json")
         _fsync_dir(self.folder)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 
-def _atomic(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -26,7 +26,7 @@ def _atomic(path: Path, write: Any) -> None:
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
-    _atomic(Path(path), lambda handle: torch.save(obj, handle))
+    atomic_write(Path(path), lambda handle: torch.save(obj, handle))
 
 
 def load_torch(path: str | Path) -> Any:
@@ -35,7 +35,7 @@ def load_torch(path: str | Path) -> Any:
 
 def save_json(obj: Any, path: str | Path) -> None:
     text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
-    _atomic(Path(path), lambda handle: handle.write(text.encode()))
+    atomic_write(Path(path), lambda handle: handle.write(text.encode()))
 
 
 def load_json(path: str | Path) -> Any:
