@@ -12,6 +12,8 @@ import torch
 
 
 def atomic_write(path: Path, write: Any) -> None:
+    """`write(handle)` into a temp file beside `path`, flushed, fsync'd and renamed over it: a reader
+    sees the old file or the new one, never a partial one (a crash leaves only the temp file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
