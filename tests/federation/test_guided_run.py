@@ -94,3 +94,16 @@ def test_tdcl_conditioned_mode_recomputes_with_gradients(teacher: Path, tmp_path
     (record,) = records(run)
     assert any(key.endswith("/tdcl_image") for key in record)
     assert record["server/teacher_space/teacher/forward_batches"] > 0
+
+
+def test_a_resumed_run_loads_the_maps_instead_of_refitting(teacher: Path, tmp_path: Path) -> None:
+    base = ["experiment=[smoke,feddifrc_ndcr]", *overrides(teacher, tmp_path / "cache", tmp_path / "run")]
+    train(compose([*base, "rounds=1"]))
+    fitted = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["server"]
+    train(compose([*base, "rounds=2", "resume=true"]))
+    (_, second) = records(tmp_path / "run")
+    assert "server/teacher_space/fit_seconds" not in second  # loaded from the checkpoint, not refitted
+    kept = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["server"]
+    assert torch.equal(
+        kept["teacher_space"]["image_map"]["matrix"], fitted["teacher_space"]["image_map"]["matrix"]
+    )
