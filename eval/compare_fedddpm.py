@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from runs import train_run  # eval/runs.py (the scripts run as `python eval/<script>.py`)
+from runs import cell, table_header, train_run  # eval/runs.py (the scripts run as `python eval/<script>.py`)
 
 COMMON = ["evaluation.selection_metric=classification/image/acc"]
 METHODS: dict[str, list[str]] = {
@@ -137,14 +137,6 @@ def aux_quality(run_dir: str, judged: Any) -> tuple[float, list[float], list[int
 
 
 # ----------------------------------------------------------------------------- table
-def cell(values: list[float], digits: int = 1) -> str:
-    values = [v for v in values if v == v]  # NaN: not measured
-    if not values:
-        return "-"
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
-
-
 def mean(values: list[float]) -> str:
     values = [v for v in values if v == v]
     return f"{statistics.mean(values):.0f}" if values else "-"
@@ -196,12 +188,7 @@ def main() -> None:
     ]
     table: dict[str, Any] = {}
     for alpha in args.alphas:
-        lines += [
-            f"**Dirichlet alpha = {alpha}**",
-            "",
-            "| method | " + " | ".join(COLUMNS) + " |",
-            "|---" * (len(COLUMNS) + 1) + "|",
-        ]
+        lines += table_header(f"Dirichlet alpha = {alpha}", ["method", *COLUMNS])
         for method in args.methods:
             summaries = [results[(method, alpha, seed)] for seed in args.seeds]
             row = {

@@ -19,7 +19,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runs import cell, train_run
+from runs import cell, table_header, train_run
 
 METHODS: dict[str, list[str]] = {
     "fedavg": ["experiment=compare"],
@@ -120,12 +120,7 @@ def main() -> None:
     ]
     table = {}
     for alpha in args.alphas:
-        lines += [
-            f"**Dirichlet alpha = {alpha}**",
-            "",
-            "| method | teacher | " + " | ".join(COLUMNS) + " | wall s / run |",
-            "|---" * (len(COLUMNS) + 3) + "|",
-        ]
+        lines += table_header(f"Dirichlet alpha = {alpha}", ["method", "teacher", *COLUMNS, "wall s / run"])
         for method in args.methods:
             for teacher in ["pretrained"] if method == "fedavg" else args.teachers:
                 summaries = [results[(method, teacher, alpha, seed)] for seed in args.seeds]

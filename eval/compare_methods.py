@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from runs import cell, train_run
+from runs import cell, table_header, train_run
 
 METHODS: dict[str, list[str]] = {
     "fedavg": ["experiment=compare"],
@@ -59,12 +59,7 @@ def main() -> None:
     ]
     table = {}
     for alpha in args.alphas:
-        lines += [
-            f"**Dirichlet alpha = {alpha}**",
-            "",
-            "| method | " + " | ".join(COLUMNS) + " |",
-            "|---" * (len(COLUMNS) + 1) + "|",
-        ]
+        lines += table_header(f"Dirichlet alpha = {alpha}", ["method", *COLUMNS])
         for method in args.methods:
             summaries = [run(method, alpha, seed, runs) for seed in args.seeds]
             row = {name: [s[key] for s in summaries if key in s] for name, key in COLUMNS.items()}

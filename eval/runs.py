@@ -38,9 +38,15 @@ def train_run(folder: Path, overrides: list[str], label: str) -> dict:
     return result
 
 
-def cell(values: list[float]) -> str:
-    """``mean ± std`` (population std over seeds), or ``-`` when nothing was measured."""
+def cell(values: list[float], digits: int = 1) -> str:
+    """``mean ± std`` (population std over seeds) of the measured values (NaN: not measured), or ``-``."""
+    values = [v for v in values if v == v]
     if not values:
         return "-"
     std = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {std:.1f}"
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def table_header(title: str, columns: list[str]) -> list[str]:
+    """The lines that open one markdown table of a comparison: a bold title, a blank line, the header."""
+    return [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
