@@ -24,6 +24,11 @@ from runs import cell, table_header, train_run
 METHODS: dict[str, list[str]] = {
     "fedavg": ["experiment=compare"],
     "feddifrc-tdcl": ["experiment=[compare,feddifrc_tdcl]"],
+    # our option, not the paper's: contrast only what the class prompt changes (mmfed/algorithms/feddifrc.py)
+    "feddifrc-tdcl-centered": [
+        "experiment=[compare,feddifrc_tdcl]",
+        "algorithm.loss_terms.tdcl.center_classes=true",
+    ],
     "feddifrc-ndcr": ["experiment=[compare,feddifrc_ndcr]"],
     "feddifrc": ["experiment=[compare,feddifrc]"],
     "semanticfl": ["experiment=[compare,semanticfl]"],

@@ -94,7 +94,7 @@ class ClientData:
         for start, stop in zip(starts, [*starts[1:], len(order)], strict=True):
             idx = order[start:stop]
             rows = torch.from_numpy(idx)
-            batch: Batch = {"ids": [split.ids[i] for i in idx]}  # stable sample ids: teacher caches key on them
+            batch: Batch = {"ids": [split.ids[i] for i in idx]}  # stable ids: teacher caches key on them
             if self.kind in ("image", "paired"):
                 batch["images"] = split.images[rows]  # uint8 [B, 3, H, W]
                 if split.image_labels is not None:

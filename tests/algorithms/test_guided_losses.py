@@ -142,3 +142,18 @@ def test_a_teacher_narrower_than_the_latent_space_is_padded() -> None:
     assert mapped.shape == (40, 16)
     assert torch.equal(mapped[:, 6:], torch.zeros(40, 10))  # the teacher spans the first 6 only
     assert mapped.norm(dim=-1).mean().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_centered_tdcl_contrasts_only_what_the_prompt_changes() -> None:
+    from mmfed.algorithms.feddifrc import TextDrivenContrastive
+
+    common = torch.tensor([100.0, 0.0, 0.0])  # what every prompt shares dominates each representation
+    specific = torch.tensor([[0.0, 1.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
+    reps = (common + specific)[None]  # [1, 3 classes, 3]
+    z = torch.tensor([[0.0, 1.0, 0.0]])  # points at class 0's own direction
+    target = torch.tensor([0])
+    plain = tdcl_loss(z, TextDrivenContrastive(center_classes=False)._centered(reps), target, 0.1)
+    centered_reps = TextDrivenContrastive(center_classes=True)._centered(reps)
+    assert torch.allclose(centered_reps.mean(dim=1), torch.zeros(1, 3), atol=1e-6)
+    centered = tdcl_loss(z, centered_reps, target, 0.1)
+    assert plain.item() > 0.9 and centered.item() < 0.01  # near chance (ln 3 = 1.10) vs nearly solved
