@@ -216,11 +216,14 @@ class NoiseDrivenConsistency(_TeacherTerm):
             z = out[f"{side}_emb"]
             if side == "image":
                 captions = batch.get("captions")
+                labels = batch.get("image_labels")
                 raw = self.view.features.images(
                     batch["ids"],
                     batch["images"].cpu(),
                     captions,
                     None if captions is None else batch["caption_index"].tolist(),
+                    labels=None if labels is None else labels.tolist(),
+                    classes=self.view.image_classes,
                 )
                 target = self.view.image(raw)
             else:

@@ -49,10 +49,9 @@ def image_features(
     images = split.images[torch.tensor(rows)]  # type: ignore[index]
     if source == "latents":
         return features.latents(ids, images, progress=progress)
-    if features.settings.condition == "caption":
-        caps = [split.captions[i][0] for i in rows]  # type: ignore[index]
-        return features.images(ids, images, caps, [0] * len(rows), progress=progress)
-    return features.images(ids, images, progress=progress)
+    captions = None if split.captions is None else [split.captions[i][0] for i in rows]
+    labels = None if split.image_labels is None else split.image_labels[torch.tensor(rows)].tolist()
+    return features.images(ids, images, captions, [0] * len(rows), progress, labels, split.image_classes)
 
 
 def caption_features(features: TeacherFeatures, split: MultimodalSplit, rows: list[int]) -> torch.Tensor:

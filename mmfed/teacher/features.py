@@ -79,8 +79,12 @@ class TeacherFeatures:
     ) -> FeatureCache:
         """One cache folder per feature kind and fingerprint of everything that changes the features."""
         fingerprint: dict[str, Any] = {"kind": kind, "teacher": self.teacher_identity()}
-        if kind in ("image", "image_classes"):
+        if kind == "image":
             fingerprint |= self.settings.extraction_fingerprint()
+        elif kind == "image_classes":  # every class prompt is explicit: teacher.condition plays no part
+            fingerprint |= {
+                k: v for k, v in self.settings.extraction_fingerprint().items() if k != "condition"
+            }
         else:  # text and latents depend on neither timestep, blocks nor noise
             fingerprint |= {
                 k: v
@@ -142,9 +146,20 @@ class TeacherFeatures:
         captions: Sequence[str] | None = None,
         caption_index: Sequence[int] | None = None,
         progress: str | None = None,
+        labels: Sequence[int] | None = None,
+        classes: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """Pooled U-Net decoder features [B, F] under the configured condition (empty or caption)."""
+        """Pooled U-Net decoder features [B, F] under `teacher.condition`: the empty prompt, the sample's
+        caption (`captions`, `caption_index`) or its class prompt (`labels` into `classes`)."""
         condition = self.settings.condition
+        if condition == "class":
+            if labels is None or not classes:
+                raise ConfigError(
+                    "teacher.condition=class needs labelled samples and class names; these have no labels: "
+                    "use teacher.condition=empty"
+                )
+            pairs = [(row, int(label)) for row, label in enumerate(labels)]
+            return self._class_prompted(ids, images, pairs, classes, progress)
         if condition == "caption":
             if captions is None or caption_index is None:
                 raise ConfigError(
@@ -152,13 +167,8 @@ class TeacherFeatures:
                     "use teacher.condition=empty"
                 )
             keys = [caption_key(i, int(c)) for i, c in zip(ids, caption_index, strict=True)]
-        elif condition == "empty":
-            keys = list(ids)
         else:
-            raise ConfigError(
-                f"teacher.condition={condition!r} is not a per-sample condition; class-prompt features are "
-                "images_per_class (TDCL)"
-            )
+            keys = list(ids)
 
         def run(pos: list[int]) -> torch.Tensor:
             prompts = None if condition == "empty" else [captions[i] for i in pos]  # type: ignore[index]
@@ -174,20 +184,32 @@ class TeacherFeatures:
         count = len(classes)
         if count < 2:
             raise ConfigError(f"class-prompt features need at least 2 classes, got {list(classes)}")
+        pairs = [(row, k) for row in range(len(ids)) for k in range(count)]  # row-major: sample, then class
+        return self._class_prompted(ids, images, pairs, classes, progress).view(len(ids), count, -1)
+
+    def _class_prompted(
+        self,
+        ids: Sequence[str],
+        images: torch.Tensor,
+        pairs: list[tuple[int, int]],
+        classes: Sequence[str],
+        progress: str | None,
+    ) -> torch.Tensor:
+        """[len(pairs), F]: features of image `row` under the prompt of class `k`, for each (row, k).
+        One cache for every use of class prompts (TDCL's all-classes reads, NDCR's own-class reads)."""
         prompts = [self.settings.prompt_template.format(name) for name in classes]
-        keys = [class_key(i, k) for i in ids for k in range(count)]  # row-major: sample, then class
+        keys = [class_key(ids[row], k) for row, k in pairs]
 
         def run(pos: list[int]) -> torch.Tensor:
-            rows = [p // count for p in pos]
+            rows = [pairs[p][0] for p in pos]
             feats = self.teacher.unet_features(
-                images[rows], [ids[r] for r in rows], prompts=[prompts[p % count] for p in pos]
+                images[rows], [ids[r] for r in rows], prompts=[prompts[pairs[p][1]] for p in pos]
             )
             return self.teacher.pool(feats)
 
-        flat = self._cache("image_classes", {"classes": list(classes)}).get(
+        return self._cache("image_classes", {"classes": list(classes)}).get(
             keys, lambda pos: self._batched(pos, run), progress=progress
         )
-        return flat.view(len(ids), count, -1)
 
     def latents(self, ids: Sequence[str], images: torch.Tensor, progress: str | None = None) -> torch.Tensor:
         """VAE posterior-mean latents, flattened [B, 4*h*w] (deterministic; no noise, no prompt)."""
@@ -291,11 +313,11 @@ def extract_split(
         needs_images = {"image", "image_classes", "latents"} & set(kinds)
         images = split.images[torch.tensor(part)] if needs_images else None
         if "image" in kinds:
-            if features.settings.condition == "caption" and split.captions is not None:
-                caps = [split.captions[i][0] for i in part]
-                features.images(ids, images, caps, [0] * len(part), progress=label and f"image {label}")
-            else:
-                features.images(ids, images, progress=label and f"image {label}")
+            caps = None if split.captions is None else [split.captions[i][0] for i in part]
+            labels = None if split.image_labels is None else split.image_labels[torch.tensor(part)].tolist()
+            features.images(
+                ids, images, caps, [0] * len(part), label and f"image {label}", labels, split.image_classes
+            )
             counts["image"] = counts.get("image", 0) + len(part)
         if "image_classes" in kinds and split.image_classes:
             features.images_per_class(ids, images, split.image_classes, progress=label and f"classes {label}")

@@ -114,3 +114,20 @@ def test_extract_cli(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 def test_split_extract_options() -> None:
     options, rest = split_extract_options(["split=train", "features=[image,text]", "data.n_train=5"])
     assert options == {"split": "train", "features": "image,text"} and rest == ["data.n_train=5"]
+
+
+def test_class_condition_reads_the_same_entries_as_the_per_class_features(
+    folder: Path, tmp_path: Path
+) -> None:
+    world = SyntheticWorld.tiny(n=8)
+    split = world.split("train")
+    classes = world.image_classes[:4]
+    feats = features(folder, tmp_path, condition="class")
+    every = feats.images_per_class(split.ids[:3], split.images[:3], classes)
+    batches = feats.forward_batches
+    labels = [2, 0, 3]
+    own = feats.images(split.ids[:3], split.images[:3], labels=labels, classes=classes)
+    assert feats.forward_batches == batches  # one cache for both reads: all hits
+    assert torch.equal(own, every[torch.arange(3), torch.tensor(labels)])
+    with pytest.raises(ValueError, match="teacher.condition=class needs labelled samples"):
+        feats.images(split.ids[:3], split.images[:3])
