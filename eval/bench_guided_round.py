@@ -45,9 +45,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("eval/results/bench_guided_round"))
     args = parser.parse_args()
     import mmfed  # noqa: F401
-    from mmfed.teacher.model import mmfed_home
+    from mmfed.teacher.model import default_teacher
 
-    teacher = (args.teacher or mmfed_home() / "teachers" / "synthetic-sd").expanduser().resolve()
+    teacher = Path(args.teacher or default_teacher()).expanduser().resolve()
     step = "anchors" if args.method == "semanticfl" else "teacher_space"
     runs = args.out / "runs"  # run folders and the cache (ignored by git); table.md and result.json beside
     shutil.rmtree(runs, ignore_errors=True)

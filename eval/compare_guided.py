@@ -90,9 +90,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("eval/results/compare_guided"))
     args = parser.parse_args()
     import mmfed  # noqa: F401
-    from mmfed.teacher.model import mmfed_home
+    from mmfed.teacher.model import default_teacher
 
-    pretrained = (args.teacher or mmfed_home() / "teachers" / "synthetic-sd").expanduser().resolve()
+    pretrained = Path(args.teacher or default_teacher()).expanduser().resolve()
     if not (pretrained / "model_index.json").exists():
         raise SystemExit(f"no teacher at {pretrained}: run `mmfed teacher pretrain` first")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmfed.config import ConfigError, check_choice
 from mmfed.data.samples import MultimodalSplit
 from mmfed.teacher.cache import FeatureCache, fingerprint_digest
-from mmfed.teacher.model import StableDiffusionTeacher, TeacherSettings, get_teacher, mmfed_home
+from mmfed.teacher.model import StableDiffusionTeacher, TeacherSettings, folder_fingerprint, get_teacher
 
 FEATURE_KINDS = ("text", "prompts", "image", "image_classes", "latents")
 
@@ -71,8 +72,7 @@ class TeacherFeatures:
 
     @property
     def cache_root(self) -> str:
-        root = self.settings.cache_dir
-        return str(mmfed_home() / "features") if root == "default" else root
+        return self.settings.cache_dir  # TeacherSettings resolved "default" to $MMFED_HOME/features
 
     def _cache(
         self, kind: str, extra: Mapping[str, Any] | None = None, per_sample: bool = True
@@ -220,39 +220,14 @@ class TeacherFeatures:
         return self._cache("latents").get(list(ids), lambda pos: self._batched(pos, run), progress=progress)
 
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
-_PROBE = 1 << 20  # bytes hashed at each end of a weight file
-
-
 def teacher_identity(settings: TeacherSettings) -> dict[str, Any]:
-    """Which weights the features come from, computed without loading them.
-
-    A local folder is identified by its config files and, per weight file, its size and a hash of
-    its first and last MiB (a re-trained teacher changes them; hashing whole multi-GB files would
-    cost more than a warm cache saves). A hub id by id and revision: pin `teacher.revision` for
-    features that must not follow a moving branch.
-    """
-    from pathlib import Path
-
-    model = settings.model
-    folder = Path(model if model != "default" else mmfed_home() / "teachers" / "synthetic-sd").expanduser()
-    identity: dict[str, Any] = {"model": str(model), "revision": settings.revision}
+    """Which weights the features come from, computed without loading them: a local folder by its
+    contents (`folder_fingerprint`), a hub id by id and revision (pin `teacher.revision` for features
+    that must not follow a moving branch)."""
+    folder = Path(settings.model).expanduser()
+    identity: dict[str, Any] = {"model": settings.model, "revision": settings.revision}
     if folder.is_dir():
-        import hashlib
-
-        digest = hashlib.sha256()
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            rel = path.relative_to(folder).as_posix()
-            if path.suffix == ".json" or path.suffix == ".txt":
-                digest.update(rel.encode() + b"\0" + path.read_bytes())
-            elif path.suffix in _WEIGHT_SUFFIXES:
-                size = path.stat().st_size
-                with path.open("rb") as handle:
-                    head = handle.read(_PROBE)
-                    handle.seek(max(0, size - _PROBE))
-                    tail = handle.read(_PROBE)
-                digest.update(f"{rel}\0{size}\0".encode() + head + tail)
-        identity["files"] = digest.hexdigest()[:16]
+        identity["files"] = folder_fingerprint(folder)[:16]
     return identity
 
 

@@ -171,15 +171,30 @@ def _load_error(model: str, revision: str | None, where: str, why: str) -> Teach
     return TeacherLoadError(f"could not load teacher '{model}'{rev} from {where}: {first}{hint}")
 
 
-def _folder_fingerprint(folder: Path) -> str:
-    """sha256 over (relative name, size, mtime) of the parts' files: changes when any weight changes."""
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+_PROBE = 1 << 20  # bytes hashed at each end of a weight file
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 of a model folder's contents, without loading or reading whole weight files.
+
+    Config and tokenizer files (.json, .txt) are hashed whole; each weight file by its size and its
+    first and last MiB (a re-trained or edited teacher changes them; hashing multi-GB files would cost
+    more than a warm feature cache saves). Names and contents only, never times: a copied teacher is
+    the same teacher and keeps its cached features.
+    """
     digest = hashlib.sha256()
-    files = [folder / "model_index.json"] + [
-        f for part in PART_FOLDERS for f in sorted((folder / part).rglob("*")) if f.is_file()
-    ]
-    for file in files:
-        stat = file.stat()
-        digest.update(f"{file.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if path.suffix in (".json", ".txt"):
+            digest.update(rel.encode() + b"\0" + path.read_bytes())
+        elif path.suffix in _WEIGHT_SUFFIXES:
+            size = path.stat().st_size
+            with path.open("rb") as handle:
+                head = handle.read(_PROBE)
+                handle.seek(max(0, size - _PROBE))
+                tail = handle.read(_PROBE)
+            digest.update(f"{rel}\0{size}\0".encode() + head + tail)
     return digest.hexdigest()
 
 
@@ -260,7 +275,7 @@ def _load_parts(settings: TeacherSettings, device: torch.device) -> _Parts:
             raise _load_error(model, revision, where, f"{part}: {error}") from error
     for part in dtype_kwargs:
         _pin_eval(loaded[part].to(device))
-    identity_revision = (revision or _folder_fingerprint(folder)) if local else _hub_revision(model, revision)
+    identity_revision = (revision or folder_fingerprint(folder)) if local else _hub_revision(model, revision)
     return _Parts(**loaded, identity_revision=identity_revision)
 
 

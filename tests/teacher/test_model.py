@@ -72,12 +72,17 @@ def test_identity_and_sizes(teacher: StableDiffusionTeacher, folder: Path) -> No
     assert teacher.block_channels == {0: 16, 1: 16, 2: 16, 3: 8}
 
 
-def test_identity_changes_when_a_weight_file_changes(tmp_path: Path) -> None:
+def test_identity_follows_weight_contents_not_file_times(tmp_path: Path) -> None:
     folder = build_tiny_sd(tmp_path / "sd", seed=1)
     before = StableDiffusionTeacher.load(TeacherSettings(model=str(folder))).identity
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    touched = StableDiffusionTeacher.load(TeacherSettings(model=str(folder))).identity
+    assert touched == before  # contents, not times: a copied or touched teacher keeps its features
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one weight byte (the last tensor's data) changes
+    weights.write_bytes(bytes(data))
     after = StableDiffusionTeacher.load(TeacherSettings(model=str(folder))).identity
     assert before["revision"] != after["revision"]
     assert {k: v for k, v in before.items() if k != "revision"} == {
