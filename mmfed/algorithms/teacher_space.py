@@ -54,7 +54,9 @@ def image_features(
     return features.images(ids, images, captions, [0] * len(rows), progress, labels, split.image_classes)
 
 
-def caption_features(features: TeacherFeatures, split: MultimodalSplit, rows: list[int]) -> torch.Tensor:
+def caption_features(
+    features: TeacherFeatures, split: MultimodalSplit, rows: list[int], progress: str | None = None
+) -> torch.Tensor:
     """[len(rows), Dt]: each row's captions' pooled text embeddings, averaged over its captions."""
     keys, texts, owner = [], [], []
     for position, row in enumerate(rows):
@@ -62,7 +64,7 @@ def caption_features(features: TeacherFeatures, split: MultimodalSplit, rows: li
             keys.append(caption_key(split.ids[row], c))
             texts.append(caption)
             owner.append(position)
-    flat = features.texts(keys, texts)
+    flat = features.texts(keys, texts, progress=progress)
     out = torch.zeros(len(rows), flat.shape[1])
     out.index_add_(0, torch.tensor(owner), flat)
     return out / torch.bincount(torch.tensor(owner), minlength=len(rows)).clamp(min=1)[:, None]
@@ -125,7 +127,7 @@ class TeacherSpace(ServerStep):
         dim = _embed_dim(round_)
         rows = list(range(len(public) if self.fit_rows is None else min(self.fit_rows, len(public))))
         feats = self.features
-        text = caption_features(feats, public, rows)  # [N, Dt]
+        text = caption_features(feats, public, rows, progress="teacher text features (public)")  # [N, Dt]
         image_cls, text_cls = self.classes(public)
         prompts = [feats.prompts(c) for c in (image_cls, text_cls) if c]
         fitted_on = torch.cat([text, *prompts])
