@@ -137,9 +137,6 @@ class EmbeddedEngine:
                 self._fail(round_, stage, cid, describe(error))
                 continue
             seconds = time.perf_counter() - began
-            # What a client sends is a snapshot, as on any wire: its tensors may alias the pooled
-            # model, which the next client of the same kind resets and trains in place.
-            reply.tensors = {name: tensor.clone() for name, tensor in reply.tensors.items()}
             self.store.save(cid, round_, state)
             if self.client_timeout is not None and seconds > self.client_timeout:
                 self._fail(

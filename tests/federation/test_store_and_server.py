@@ -52,3 +52,21 @@ def test_client_batches_cover_each_row_once_and_never_end_with_a_single_sample()
             assert all(any(c in row for row in split.captions) for c in captions)
         if kind == "text":
             assert "images" not in batches[0]
+
+
+def test_a_reply_is_a_snapshot_not_a_view_of_the_pooled_model() -> None:
+    """Two clients of one kind share a pooled model; the first one's reply must not change when the
+    second trains it (`encode_tensors` copies; the engines add no second copy)."""
+    from mmfed.cli import compose
+    from mmfed.federation.run import Federation
+    from mmfed.protocol import Payload
+
+    federation = Federation(
+        compose(["experiment=smoke", "layout.image=2", "layout.text=0", "layout.paired=0"])
+    )
+    payload = Payload(stage="fit", round=1, reply=["weights"])
+    first, _ = federation.client_app("image-0")(payload, {})
+    sent = {name: tensor.clone() for name, tensor in first.tensors.items()}
+    federation.client_app("image-1")(payload, {})
+    assert sent.keys() == first.tensors.keys()
+    assert all(torch.equal(sent[name], first.tensors[name]) for name in sent)
