@@ -137,6 +137,7 @@ class TextDrivenContrastive(_TeacherTerm):
             condition_scale,
         )
         self._prompt_tokens: torch.Tensor | None = None
+        self._text_prompts: torch.Tensor | None = None  # [C, D] mapped class-prompt embeddings
 
     def begin(self, round_: ClientRound) -> None:
         super().begin(round_)
@@ -155,8 +156,11 @@ class TextDrivenContrastive(_TeacherTerm):
                 labels.cpu(), len(classes), self.negatives, self._generator
             )  # [B, K]
             if side == "text":
-                prompts = self.view.text(self.view.features.prompts(classes))  # [C, D]
-                reps = self._centered(prompts[None])[0][candidates]  # [B, K, D]
+                if self._text_prompts is None:  # the same every step of this client round: map once
+                    self._text_prompts = self._centered(
+                        self.view.text(self.view.features.prompts(classes))[None]
+                    )[0]
+                reps = self._text_prompts[candidates]  # [B, K, D]
             elif self.mode == "cached":
                 every = self.view.image(
                     self.view.features.images_per_class(batch["ids"], batch["images"].cpu(), classes)
