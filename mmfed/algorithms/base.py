@@ -133,7 +133,9 @@ class ClientTask:
         raise NotImplementedError
 
 
-def draw_public_sample(round_: ServerRound, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def draw_public_sample(
+    round_: ServerRound, count: int, step: str = "this server step"
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """This round's public sample: `count` distinct rows (seeded by round), one caption of each.
 
     Returns (row indices int64 [N], caption choices int64 [N], the chosen caption texts). Steps that
@@ -143,7 +145,7 @@ def draw_public_sample(round_: ServerRound, count: int) -> tuple[torch.Tensor, t
 
     public = round_.public
     if public is None or public.images is None or public.captions is None:
-        raise ValueError("this server step needs paired public data (the data source's 'public' split)")
+        raise ValueError(f"{step} needs paired public data (the data source's 'public' split)")
     rng = numpy_rng(round_.seed, "public-sample", round_.round)
     count = min(count, len(public))
     indices = torch.from_numpy(rng.choice(len(public), count, replace=False)).long()

@@ -129,17 +129,17 @@ class EnsembleDistillation(ServerStep):
         """This round's public rows, caption choice and global features (computed once per round)."""
         if self._round_cache is not None and self._round_cache[0] == round_.round:
             return self._round_cache[1]
-        public = round_.public
-        if public is None or public.images is None or public.captions is None:
-            raise ValueError("ensemble_distill needs paired public data (the data source's 'public' split)")
-        indices, captions, texts = draw_public_sample(round_, self.public_per_round)
+        indices, captions, texts = draw_public_sample(round_, self.public_per_round, "ensemble_distill")
         count = len(indices)
         model = round_.global_model
         was_training = model.training
         model.eval()
         with torch.no_grad():
             image = torch.cat(
-                [model.encode_images(public.images[indices[i : i + 256]]).cpu() for i in range(0, count, 256)]
+                [
+                    model.encode_images(round_.public.images[indices[i : i + 256]]).cpu()
+                    for i in range(0, count, 256)
+                ]
             )
             text = torch.cat([model.encode_texts(texts[i : i + 256]).cpu() for i in range(0, count, 256)])
         model.train(was_training)

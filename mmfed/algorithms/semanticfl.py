@@ -75,7 +75,7 @@ class SemanticAnchors(TeacherSpace):
         self.fit(round_)
         assert self.text_map is not None and self.image_map is not None and round_.public is not None
         public, feats = round_.public, self.features
-        indices, choice, texts = draw_public_sample(round_, self.public_per_round)
+        indices, choice, texts = draw_public_sample(round_, self.public_per_round, "semantic_anchors")
         rows = indices.tolist()
         anchors: dict[str, torch.Tensor] = {PUBLIC_INDICES: indices, PUBLIC_CAPTIONS: choice}
         image_cls, text_cls = self.classes(public)
