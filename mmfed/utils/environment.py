@@ -1,0 +1,52 @@
+"""What a run's numbers depend on besides its config: package versions, torch threads, CPU kernels.
+
+Measured (README, "Reproducing the figures"): with the same code, config and package versions, the
+number of torch threads and the CPU's vector instruction set (AVX-512 vs AVX2 kernels) each change
+float results in the 7th digit, which twelve rounds of training turn into visibly different metrics.
+The run folder records them in ``environment.json`` so two runs that differ can be told apart.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+import torch
+
+# The packages whose versions can change a run's numbers (data rendering, kernels, partitions).
+PACKAGES = (
+    "torch", "numpy", "pillow", "torchvision", "transformers", "diffusers", "open_clip_torch",
+    "peft", "faiss-cpu", "datasets", "flwr",
+)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def describe_environment() -> dict[str, Any]:
+    """A strict-JSON-ready description of the interpreter, CPU kernels, threads and package versions."""
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "packages": {name: _version(name) for name in PACKAGES},
+    }

@@ -1,0 +1,13 @@
+import json
+
+import torch
+
+from mmfed.utils.environment import describe_environment
+
+
+def test_environment_names_threads_kernels_and_versions() -> None:
+    env = describe_environment()
+    assert env["torch_threads"] == torch.get_num_threads()
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["packages"]["torch"].startswith(torch.__version__.split("+")[0])
+    json.dumps(env, allow_nan=False)  # strict JSON
