@@ -45,14 +45,33 @@ from mmfed.teacher.features import caption_key
 from mmfed.utils.seeding import torch_generator
 
 MODES = ("cached", "conditioned")
+NORMALIZERS = ("mean_distance", "none")
 DISTANCES = ("cosine", "l2")
 MODALITIES = ("image", "text")
 
 
-def tdcl_loss(z: torch.Tensor, reps: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-sample InfoNCE over candidates: z [B, D], reps [B, K, D] (sample i's own candidates),
-    target [B] (which candidate is the positive) -> mean loss. Log-sum-exp form; cosines in z's dtype."""
-    logits = (normalized(z)[:, None, :] * normalized(reps)).sum(-1).to(z.dtype) / temperature  # [B, K]
+def tdcl_loss(
+    z: torch.Tensor,
+    reps: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float,
+    normalizer: str = "mean_distance",
+) -> torch.Tensor:
+    """Per-sample contrast over each sample's own candidates: z [B, D], reps [B, K, D] (row i: sample
+    i's representations under its K candidate prompts), target [B] (which candidate is the positive)
+    -> mean loss, in log-sum-exp form (finite at tau = 0.04 in fp16).
+
+    ``normalizer=mean_distance`` (paper): s(z_i, F_ik) = cos(z_i, F_ik) / U_ik with U_ik the mean over
+    the batch's embeddings z_b of the distance ||z_b/|z_b| - F_ik/|F_ik| || (a statistic, no gradient);
+    ``none`` (reference code): s = cos.
+    """
+    zn, rn = normalized(z), normalized(reps)
+    cosine = (zn[:, None, :] * rn).sum(-1)  # [B, K]: sample i against its own candidates only
+    if normalizer == "mean_distance":
+        every = torch.einsum("bd,ikd->bik", zn.detach(), rn.detach())  # [B, B, K]: z_b vs F_ik
+        distance = (2 - 2 * every).clamp(min=0).sqrt().mean(dim=0)  # [B, K] = U_ik
+        cosine = cosine / distance.clamp(min=1e-6)
+    logits = cosine.to(z.dtype) / temperature
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     return -log_prob.gather(1, target[:, None]).mean()
 
@@ -115,7 +134,8 @@ class TextDrivenContrastive(_TeacherTerm):
     def __init__(
         self,
         weight: float = 1.0,
-        temperature: float = 0.1,
+        temperature: float = 0.04,  # tau (reference code; the paper gives none)
+        normalizer: str = "mean_distance",  # U of the paper; "none": plain cosine (reference code)
         negatives: int | None = None,  # negative classes per sample (None: all C - 1)
         mode: str = "cached",
         condition_scale: float = 1.0,  # conditioned mode: weight of the local feature added to the prompt
@@ -128,6 +148,8 @@ class TextDrivenContrastive(_TeacherTerm):
         check_positive("temperature", temperature)
         self.center_classes = center_classes
         check_choice("mode", mode, MODES)
+        check_choice("normalizer", normalizer, NORMALIZERS)
+        self.normalizer = normalizer
         if negatives is not None:
             check_positive("negatives", negatives)
         self.temperature, self.negatives, self.mode, self.condition_scale = (
@@ -169,7 +191,9 @@ class TextDrivenContrastive(_TeacherTerm):
             else:
                 reps = self._centered(self._conditioned(batch, z, candidates, classes))
             target = torch.zeros(len(z), dtype=torch.long, device=z.device)  # the positive is candidate 0
-            losses[f"tdcl_{side}"] = self.weight * tdcl_loss(z, reps.to(z.device), target, self.temperature)
+            losses[f"tdcl_{side}"] = self.weight * tdcl_loss(
+                z, reps.to(z.device), target, self.temperature, self.normalizer
+            )
         return losses
 
     def _centered(self, reps: torch.Tensor) -> torch.Tensor:
@@ -204,7 +228,7 @@ class NoiseDrivenConsistency(_TeacherTerm):
     def __init__(
         self,
         weight: float = 1.0,
-        distance: str = "cosine",
+        distance: str = "l2",  # paper: squared error; "cosine": 1 - cos (our option)
         modalities: list[str] = ("image", "text"),
         teacher: Any = None,
         data: str = "",
