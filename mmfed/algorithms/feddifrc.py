@@ -59,7 +59,7 @@ def tdcl_loss(
 ) -> torch.Tensor:
     """Per-sample contrast over each sample's own candidates: z [B, D], reps [B, K, D] (row i: sample
     i's representations under its K candidate prompts), target [B] (which candidate is the positive)
-    -> mean loss, in log-sum-exp form (finite at tau = 0.04 in fp16).
+    -> mean loss, in log-sum-exp form and float32 (finite at tau = 0.04 whatever s and z's dtype).
 
     ``normalizer=mean_distance`` (paper): s(z_i, F_ik) = cos(z_i, F_ik) / U_ik with U_ik the mean over
     the batch's embeddings z_b of the distance ||z_b/|z_b| - F_ik/|F_ik| || (a statistic, no gradient);
@@ -71,9 +71,9 @@ def tdcl_loss(
         every = torch.einsum("bd,ikd->bik", zn.detach(), rn.detach())  # [B, B, K]: z_b vs F_ik
         distance = (2 - 2 * every).clamp(min=0).sqrt().mean(dim=0)  # [B, K] = U_ik
         cosine = cosine / distance.clamp(min=1e-6)
-    logits = cosine.to(z.dtype) / temperature
+    logits = cosine / temperature  # float32 whatever z's dtype: s / tau can exceed fp16's range
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    return -log_prob.gather(1, target[:, None]).mean()
+    return -log_prob.gather(1, target[:, None]).mean().to(z.dtype)
 
 
 def candidate_classes(
