@@ -233,15 +233,15 @@ def test_tdcl_forward_contrasts_each_sample_with_its_own_class_prompt_representa
     e1, e2, e3 = torch.eye(3)
     per_class = {  # [C = 3 classes, F = 3] per sample id
         "a": torch.stack([e1, e2, e3]),  # sample a: class 0 prompt -> e1, class 1 -> e2, class 2 -> e3
-        "b": torch.stack([e3, e1, e2]),
+        "b": torch.stack([e3, e2 + e3, e1]),  # sample b: a different set, not a permutation of a's
     }
     z = torch.stack([e1 + 0.5 * e2, e1])  # a (label 0) leans to e1, its own class-0 feature
-    labels = torch.tensor([0, 1])  # b's own class-1 feature is e1 too
+    labels = torch.tensor([0, 1])  # b's own class-1 feature is e2 + e3, orthogonal to z_b
     tau = 0.5
     term = TextDrivenContrastive(temperature=tau, normalizer="none", modalities=["image"])
     losses = _term_batch(term, per_class, {}, z, labels)
     ca = [1 / math.sqrt(1.25), 0.5 / math.sqrt(1.25), 0.0]  # cos(z_a, e1), (z_a, e2), (z_a, e3)
-    cb = [0.0, 1.0, 0.0]  # cos(z_b, e3), (z_b, e1), (z_b, e2): its positive (class 1) is 1
+    cb = [0.0, 0.0, 1.0]  # cos(z_b, e3), (z_b, e2 + e3), (z_b, e1): its positive (class 1) is 0
     loss_a = math.log(sum(math.exp(c / tau) for c in ca)) - ca[0] / tau
     loss_b = math.log(sum(math.exp(c / tau) for c in cb)) - cb[1] / tau
     assert set(losses) == {"tdcl_image"}
