@@ -32,7 +32,7 @@ from mmfed.teacher.features import TeacherFeatures, caption_key, teacher_feature
 from mmfed.teacher.reduce import LayerMoments, Reduction, fit_layer_pca, fit_pca, fit_ridge, rms_scaled
 
 IMAGE_REDUCTIONS = ("ridge", "pca", "layer_pca")
-IMAGE_SOURCES = ("unet", "latents")
+IMAGE_SOURCES = ("unet", "latents", "both")
 TEXT_MEAN, TEXT_MATRIX = "teacher/text_mean", "teacher/text_matrix"
 IMAGE_MEAN, IMAGE_MATRIX = "teacher/image_mean", "teacher/image_matrix"
 IMAGE_OFFSET = "teacher/image_offset"
@@ -45,7 +45,11 @@ def image_features(
     rows: list[int],
     progress: str | None = None,
 ) -> torch.Tensor:
-    """[len(rows), F] teacher image features of `rows` of `split` (U-Net pooled, or flattened VAE latents)."""
+    """[len(rows), F] teacher image features of `rows` of `split`: U-Net decoder blocks pooled, flattened
+    VAE latents, or ``both`` (U-Net columns first, then the latents)."""
+    if source == "both":
+        parts = [image_features(features, s, split, rows, progress) for s in ("unet", "latents")]
+        return torch.cat(parts, dim=1)
     ids = [split.ids[i] for i in rows]
     images = split.images[torch.tensor(rows)]  # type: ignore[index]
     if source == "latents":
@@ -139,12 +143,19 @@ class TeacherSpace(ServerStep):
         fitted_on = torch.cat([text, *prompts])
         self.text_map = _padded(_unit_scale(fit_pca(fitted_on, _rank(fitted_on, dim)), text), dim)
         image = image_features(feats, self.image_source, public, rows, progress="teacher features (public)")
-        if self.image_reduction == "ridge":
-            self.image_map = fit_ridge(image, self.text_map.apply(text), ridge=self.ridge)
-        elif self.image_reduction == "layer_pca":
+        if self.image_reduction == "layer_pca":
             self.image_map = self.layer_map(LayerMoments.of(image, feats.block_widths()), dim)
         else:
-            self.image_map = _padded(_unit_scale(fit_pca(image, _rank(image, dim)), image), dim)
+            widths = [image.shape[1]]
+            if self.image_source == "both":  # U-Net columns, then the VAE latents
+                widths = [sum(feats.block_widths()), image.shape[1] - sum(feats.block_widths())]
+            scales = _source_scales(image, widths)
+            balanced = image * scales
+            if self.image_reduction == "ridge":
+                fitted = fit_ridge(balanced, self.text_map.apply(text), ridge=self.ridge)
+            else:
+                fitted = _padded(_unit_scale(fit_pca(balanced, _rank(balanced, dim)), balanced), dim)
+            self.image_map = _folded(fitted, scales)
         self.fit_seconds = time.perf_counter() - started
         self._fitted_now = True
 
@@ -366,6 +377,26 @@ def _unit_scale(reduction: Reduction, fitted_on: torch.Tensor) -> Reduction:
     state["matrix"] = state["matrix"] / norm
     if "offset" in state:
         state["offset"] = state["offset"] / norm
+    return Reduction.from_state_dict(state)
+
+
+def _source_scales(x: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """[F] column scales giving each source's block (U-Net columns, VAE columns) unit mean centred
+    squared norm, so that neither dominates a joint map by its magnitude; ones for a single source."""
+    if len(widths) == 1:
+        return torch.ones(x.shape[1])
+    scales = []
+    for block in x.split(widths, dim=1):
+        spread = (block - block.mean(dim=0)).pow(2).sum(dim=1).mean().clamp(min=1e-12)
+        scales.append(torch.full((block.shape[1],), float(spread) ** -0.5))
+    return torch.cat(scales)
+
+
+def _folded(reduction: Reduction, scales: torch.Tensor) -> Reduction:
+    """A map fitted on x * scales, rewritten to take x itself: (x s - m) W = (x - m / s) diag(s) W."""
+    state = reduction.state_dict()
+    state["mean"] = state["mean"] / scales
+    state["matrix"] = state["matrix"] * scales[:, None]
     return Reduction.from_state_dict(state)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from mmfed.algorithms.base import ClientRound
 from mmfed.algorithms.feddifrc import candidate_classes, consistency_loss, tdcl_loss
 from mmfed.algorithms.semanticfl import (
+    CLASS_NAMES,
     IMAGE_CLASS_ANCHORS,
     PUBLIC_IMAGE_ANCHORS,
     PUBLIC_TEXT_ANCHORS,
@@ -129,11 +131,13 @@ def test_semantic_consistency_uses_class_and_public_anchors() -> None:
         PUBLIC_IMAGE_ANCHORS: torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
         PUBLIC_TEXT_ANCHORS: torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]),
     }
-    round_ = ClientRound("paired-0", "paired", 1, Payload(tensors=anchors), model=None)  # type: ignore[arg-type]
+    payload = Payload(tensors=anchors, config={CLASS_NAMES[IMAGE_CLASS_ANCHORS]: json.dumps(["cat", "dog"])})
+    # the client's own class list is in another order: its label 0 is "dog", anchor row 1
+    round_ = ClientRound("paired-0", "paired", 1, payload, model=None, image_classes=["dog", "cat"])  # type: ignore[arg-type]
     term.begin(round_)
     batch = {"image_labels": torch.tensor([0]), "public_positions": torch.tensor([0, 1])}
     out = {
-        "image_emb": torch.tensor([[1.0, 0.0]]),
+        "image_emb": torch.tensor([[0.0, 1.0]]),  # points at the dog anchor
         "public_image_emb": torch.tensor([[0.0, 1.0], [1.0, 0.0]]),  # matches the *text* anchors of rows 0, 1
         "public_text_emb": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),  # matches the *image* anchors of rows 0, 1
     }
@@ -143,6 +147,24 @@ def test_semantic_consistency_uses_class_and_public_anchors() -> None:
     assert losses["semantic_class_image"].item() == pytest.approx(2.0 * best)
     assert losses["semantic_public_image"].item() == pytest.approx(2.0 * 0.5 * best)
     assert losses["semantic_public_text"].item() == pytest.approx(2.0 * 0.5 * best)
+
+
+def test_semantic_class_anchors_missing_for_a_client_class_is_one_clear_error() -> None:
+    term = SemanticConsistency()
+    anchors = {
+        IMAGE_CLASS_ANCHORS: torch.eye(2),
+        PUBLIC_IMAGE_ANCHORS: torch.eye(2),
+        PUBLIC_TEXT_ANCHORS: torch.eye(2),
+    }
+    payload = Payload(tensors=anchors, config={CLASS_NAMES[IMAGE_CLASS_ANCHORS]: json.dumps(["cat", "dog"])})
+    round_ = ClientRound("image-3", "image", 1, payload, model=None, image_classes=["cat", "ship", "frog"])  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"client image-3: image classes \['ship', 'frog'\] have no class anchor"
+    ):
+        term.begin(round_)
+    # a text-only client does not embed images: image classes without anchors are no error for it
+    text_round = ClientRound("text-0", "text", 1, payload, model=None, image_classes=["ship"])  # type: ignore[arg-type]
+    term.begin(text_round)
 
 
 def test_teacher_view_maps_and_inverts_the_text_pca() -> None:
@@ -316,3 +338,19 @@ def test_ndcr_targets_do_not_depend_on_the_batch() -> None:
     whole = loss([0, 1, 2, 3, 4, 5])
     assert whole == pytest.approx(sum(loss([r]) for r in range(6)) / 6, rel=1e-5)
     assert loss([0, 1]) == pytest.approx((loss([0]) + loss([1])) / 2, rel=1e-5)
+
+
+def test_both_sources_are_balanced_then_folded_into_one_map() -> None:
+    """SemanticFL's image features: U-Net columns then VAE latents. Each source is scaled to unit mean
+    centred squared norm before the joint map is fitted, and the scales are folded into the map."""
+    from mmfed.algorithms.teacher_space import _folded, _source_scales
+    from mmfed.teacher.reduce import fit_pca
+
+    x = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 10.0], [0.0, 2.0, 0.0], [2.0, 2.0, 10.0]])
+    scales = _source_scales(x, [2, 1])
+    # U-Net block: centred rows (+-1, +-1), squared norm 2 -> scale 1/sqrt 2; latents: +-5 -> 1/5
+    assert torch.allclose(scales, torch.tensor([2**-0.5, 2**-0.5, 0.2]))
+    fitted = fit_pca(x * scales, 2)
+    folded = _folded(fitted, scales)
+    assert torch.allclose(folded.apply(x), fitted.apply(x * scales), atol=1e-6)
+    assert torch.equal(_source_scales(x, [3]), torch.ones(3))  # one source: untouched

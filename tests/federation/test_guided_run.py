@@ -10,6 +10,8 @@ import torch
 
 from mmfed.cli import compose, main
 from mmfed.federation.run import train
+from mmfed.teacher.features import TeacherFeatures
+from mmfed.teacher.model import TeacherSettings
 from mmfed.teacher.tiny import build_tiny_sd
 from tests.data.fixtures import write_cifar10
 
@@ -76,6 +78,16 @@ def test_semanticfl_clients_need_no_teacher(teacher: Path, tmp_path: Path) -> No
     assert {"semantic_class_image", "semantic_public_image", "semantic_public_text"} <= names
     # anchors of round 2's public sample come from the cache filled in round 1 (same public split)
     assert second["server/anchors/teacher/forward_batches"] == 0
+    # the paper's image representation: U-Net decoder features and VAE latents, both in one map
+    image_map = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["server"]["anchors"][
+        "image_map"
+    ]
+    settings = TeacherSettings(model=str(teacher))
+    unet = sum(TeacherFeatures(settings).block_widths())
+    latents = 4 * 16 * 16  # 4 latent channels at the tiny teacher's sample_size 16
+    assert image_map["matrix"].shape[0] == unet + latents
+    rows = image_map["matrix"].abs().sum(dim=1)
+    assert rows[:unet].sum() > 0 and rows[unet:].sum() > 0  # both sources feed the anchors
 
 
 def test_tdcl_conditioned_mode_recomputes_with_gradients(teacher: Path, tmp_path: Path) -> None:
