@@ -1,33 +1,58 @@
-"""FedDifRC's two client terms: text-driven diffusion contrastive learning (TDCL) and noise-driven
-diffusion consistency regularisation (NDCR).
+"""FedDifRC (Wang et al., "FedDifRC: Unlocking the Potential of Text-to-Image Diffusion Models in
+Heterogeneous Federated Learning", ICCV 2025, arXiv 2507.06482; reference code hwang52/FedDifRC).
 
-**TDCL.** For a labelled sample x with class y, the teacher makes one representation per class
-prompt p_c = template(c): r_c(x), the pooled U-Net decoder features of x noised to timestep t and
-denoised under p_c (images), or the text encoder's embedding of p_c (texts). All are mapped into the
-shared latent space (`TeacherView`). With z the local embedding and tau the temperature:
+Client loss L = L_CE + L_TDCL + L_NDCR (weights 1; ``loss_terms.tdcl.weight`` / ``ndcr.weight``) on
+FedAvg. Code names -> paper symbols:
 
-    L_TDCL = - log( exp(cos(z, r_y) / tau) / sum_{c in {y} u N(x)} exp(cos(z, r_c) / tau) )
+- ``z`` (``out["image_emb"]``, the local encoder's embedding)    -> z_i = h_k(x_i)
+- ``reps[i, k]`` (`TextDrivenContrastive`)                       -> F_i under prompt P_c, c = candidates[i, k]
+- ``candidates[i, 0]`` = the label y_i; ``candidates[i, 1:]``    -> N_i, the non-matching class prompts
+- ``tdcl_loss(..., normalizer="mean_distance")``                 -> s(z_i, F) = cos(z_i, F) / U
+- ``temperature``                                               -> tau (0.04, the reference code's)
+- teacher features via `TeacherView.image` (per-layer PCA map)    -> F_i / H_i: decoder layers 2-4, each
+  PCA-reduced (D/2, D/4, D/4 = 256/128/128 at D = 512), concatenated (teacher_space.py)
+- `NoiseDrivenConsistency` target, ``teacher.timestep`` (300)    -> H_i, x_i noised to t and denoised
+- ``consistency_loss(..., "l2")``                               -> L_NDCR = sum_q (z_iq - H_iq)^2
 
-N(x) are the other classes (all C-1, or `negatives` of them drawn per sample). Each sample's
-negatives are *its own* representations under the other prompts, never another sample's. Computed
-as ``logits - logsumexp(logits)``, which is stable in fp16.
+**TDCL.** L_i = log(1 + sum_{j in N_i} exp(s(z_i, F_ij)/tau) / exp(s(z_i, F_iy)/tau)), i.e.
+-log softmax over sample i's *own* candidates at its positive, computed as ``logsumexp(logits) -
+logits[y]`` in float32 (the reference code's exp(cos / 0.04) / sum overflows). Each sample's negatives
+are its own representations under the other prompts, never another sample's (the reference code's
+single softmax over the whole batch contrasts samples with each other's representations).
+U: the paper defines it as "the mean distance between all sample embeddings and the current diffusion
+representation"; the reference code has no U. Ours (the paper silent on the distance and the batch):
+U_ik = mean over the batch's embeddings z_b of ||z_b/|z_b| - F_ik/|F_ik| || (Euclidean distance of
+unit vectors, so U is scale-free like the cosine it divides), a statistic without gradient.
+Texts (our multimodal extension): a caption embedding against the mapped text embeddings of the
+class prompts.
 
-`center_classes=true` (our option, not in the paper) subtracts, per sample, the mean of its class
-representations first (over all C classes in cached mode, over the candidates in conditioned mode),
-so only what the prompt changes is contrasted: with a teacher whose prompts barely move the U-Net
-features (ours: mean cosine 0.996 between an image's class representations) plain TDCL has nothing
-to separate.
+**NDCR.** The local embedding is pulled towards the teacher's denoising representation of the same
+sample at ``teacher.timestep`` (paper: t = 300 best, 999 bad; the reference code's timestep option,
+default 999, is never read): squared error (paper; the maps scale teacher features to unit
+RMS norm). Texts: the caption's text-encoder embedding.
 
-Two modes. *cached* (default): r_c(x) does not depend on the local model, so it is computed once
-per (sample, class) and read from the teacher cache every later step and round. *conditioned*: the
-local feature z, mapped back into the text-embedding space, is added to the prompt's token
-embeddings before the U-Net runs, so r_c depends on z and is recomputed every step, with gradients
-through the frozen U-Net: C (or 1 + negatives) U-Net passes per sample per step, the expensive option.
+**Teacher modes** (``loss_terms.tdcl.mode``; every preset names the one it runs):
+- ``cached`` (reference code: static features extracted once): F(x, P_c) does not depend on the local
+  model, so it is computed once per (sample, class) and read from the teacher cache every later step
+  and round. Cost per step: a cache read. Default of our presets (a CPU can run it).
+- ``conditioned`` (paper: the local feature injected into SD as a condition): z, mapped back into the
+  text-embedding space (`TeacherView.text_to_teacher`, scaled by ``condition_scale``), is added to the
+  prompt's token embeddings and the U-Net runs with gradients to z, once per candidate class per step:
+  C (or 1 + ``negatives``) U-Net passes per sample per step. Measured: eval/bench_tdcl_modes.py (the
+  README's cost table); unaffordable on CPU beyond the tiny test teacher.
 
-**NDCR.** The local embedding is pulled towards the teacher's representation of the same sample:
-the denoising representation at timestep t (images; prompt from `teacher.condition`) or the text
-encoder's embedding of the caption (texts); ``distance=cosine`` (1 - cos) or ``l2`` (squared error;
-the maps are scaled so teacher features have unit mean norm).
+**Options** (paper default first): ``normalizer`` mean_distance | none (reference code);
+``temperature`` 0.04; ``negatives`` None (all C - 1, paper) | k drawn per sample (ours);
+``mode`` as above; ``distance`` l2 | cosine (ours); ``center_classes`` false | true (ours: subtract
+each sample's mean class representation first, for teachers whose prompts barely move the features);
+``modalities`` image, text (text is ours). Map options live on the server step (teacher_space.py):
+``image_reduction`` layer_pca (paper) | ridge | pca (ours), ``layer_components``.
+
+**Departures of ours** (options, off in the paper presets): the text side; ``center_classes``;
+``distance=cosine``; ``image_reduction=ridge`` (shared image-text space for multimodal clients); the
+per-layer PCA reads block-pooled features (spatial means) where the reference code runs PCA over every
+pixel position and takes the spatial L2 norm of each component; the maps are fitted once (public split,
+or without one from the clients' summed feature moments, `ClientTeacherSpace`), never per batch.
 """
 
 from __future__ import annotations

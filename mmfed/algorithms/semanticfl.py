@@ -1,19 +1,34 @@
-"""SemanticFL: the heavy teacher work happens once, on the server; clients run no diffusion model.
+"""SemanticFL ("Diffusion-Guided Semantic Consistency for Multimodal Heterogeneity", Liu et al.,
+arXiv 2603.19337; no public code): the heavy teacher work happens once, on the server; clients run no
+diffusion model.
 
-The server step (`semantic_anchors`) runs the teacher on the public split and on the class prompts
-(through the persistent cache, so each public row and prompt is computed once per run family),
-maps everything into the shared latent space with the teacher-space maps (teacher_space.py), and
-sends each client every round:
-- class anchors: the mapped text-encoder embeddings of the class prompts of both label sets;
-- public anchors for this round's public sample: the mapped teacher image features of each row and
-  the mapped text features of its chosen caption;
-- the maps themselves (so a client holding teacher features could map them; ours do not need to).
+Paper -> code:
+- "multi-layer SD representations including VAE-encoded latents and U-Net hierarchical features"
+  -> ``image_source=both`` (default): the pooled U-Net decoder blocks (``teacher.up_blocks``) and the
+  flattened VAE posterior-mean latents of each public image, concatenated, each source scaled to unit
+  mean centred squared norm (so neither dominates by magnitude; `teacher_space._source_scales`) and
+  mapped by one map into the shared latent space. ``unet`` / ``latents``: one source only (options).
+- "a shared semantic space that aligns heterogeneous clients" -> the teacher-space maps (text PCA of
+  the public captions and class prompts; image features ridge-mapped into it), fitted once
+  (teacher_space.py), and the anchors below, all in that space.
+- "offloads heavy computation to the server" -> `SemanticAnchors` runs the teacher on the public split
+  and the class prompts (through the persistent cache: each row and prompt once per run family) and
+  sends each client every round:
+  * class anchors: the mapped text-encoder embeddings of the class prompts of both label sets, with
+    the class names they belong to (``anchors/*_class_names``): a client matches its own labels to
+    them **by class name** (its split's class list need not be the public split's, nor in its order);
+    a client class without an anchor is one error naming the client and the classes;
+  * public anchors for this round's public sample: the mapped teacher image features of each row and
+    the mapped text features of its chosen caption.
+- "a unified consistency mechanism, employing cross-modal contrastive learning" ->
+  `SemanticConsistency`: a labelled embedding against the class anchors (InfoNCE over classes, the
+  positive its own class prompt), and on the public batch each image embedding against the text
+  anchors of the batch and each text embedding against the image anchors (InfoNCE, the positive the
+  same row), so both modalities are pulled into the teacher's one space.
 
-The client term (`semantic_consistency`) adds a cross-modal contrastive consistency between its
-embeddings and these anchors: a labelled embedding against the class anchors (InfoNCE over classes,
-the positive being its own class prompt), and on the public batch each image embedding against the
-text anchors of the batch and each text embedding against the image anchors (InfoNCE, the positive
-being the same row), so both modalities are pulled into the teacher's one space.
+The paper gives no equations or hyper-parameters for these; ours (options): ``temperature`` 0.1,
+``class_weight`` 1, ``public_weight`` 1, ``public_per_round`` 500, ``image_reduction`` ridge (pca),
+``anchor_dtype`` float16.
 """
 
 from __future__ import annotations

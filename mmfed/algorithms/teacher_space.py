@@ -1,14 +1,24 @@
 """The teacher's features, mapped into the clients' shared latent space (dimension D).
 
-Two maps, fitted once on the public split by the server and shipped to clients as matrices:
+Two maps, fitted once by the server (on the public split, or from client moments) and shipped to
+clients as matrices:
 - **text**: PCA of the teacher text encoder's pooled embeddings of the public captions (and the class
   prompts), to D dimensions;
-- **image**: U-Net decoder features (pooled per block, concatenated) or VAE latents, mapped into the
-  *same* D-dimensional text space by ridge regression onto the text PCA of each public image's
-  captions (``image_reduction=ridge``, the default), or by their own PCA (``image_reduction=pca``).
-With the ridge map, a teacher image feature and the teacher feature of its caption land near each
-other, so aligning image encoders to image features and text encoders to text features pulls both
-towards one shared space instead of two unrelated PCA bases.
+- **image**: U-Net decoder features (pooled per block, concatenated), VAE latents, or both
+  (``image_source``), mapped into D by one of
+  * ``image_reduction=ridge`` (the step's default; SemanticFL): ridge regression onto the text PCA of
+    each public image's captions, so a teacher image feature and the teacher feature of its caption
+    land near each other, and aligning image encoders to image features and text encoders to text
+    features pulls both towards one shared space instead of two unrelated PCA bases;
+  * ``image_reduction=layer_pca`` (FedDifRC's paper, its algorithm config's default): each decoder
+    layer reduced by its own PCA (``layer_components``; default D/2, D/4, D/4, the reference code's
+    256 / 128 / 128 at D = 512), concatenated (`reduce.fit_layer_pca`); needs no captions;
+  * ``image_reduction=pca``: one PCA of all the image features.
+
+Without public data (FedDifRC's CIFAR-10 benchmark) `ClientTeacherSpace` fits the per-layer PCA in a
+one-time prepare stage from the sum of the clients' own feature moments (client task
+`TeacherMoments`: a count, column sums, per-layer outer-product sums; no image or per-sample feature
+leaves a client) and the text map from the class prompts.
 
 The maps are part of the step's state (saved in every checkpoint of the run) and are never refitted:
 a resumed run loads them. Clients read them with `TeacherView`.
