@@ -354,3 +354,32 @@ def test_both_sources_are_balanced_then_folded_into_one_map() -> None:
     folded = _folded(fitted, scales)
     assert torch.allclose(folded.apply(x), fitted.apply(x * scales), atol=1e-6)
     assert torch.equal(_source_scales(x, [3]), torch.ones(3))  # one source: untouched
+
+
+def test_layer_components_default_to_the_reference_split() -> None:
+    from mmfed.algorithms.teacher_space import layer_components
+    from mmfed.config import ConfigError
+
+    assert layer_components(512, 3, None) == [256, 128, 128]  # the reference code's at D = 512
+    assert layer_components(16, 3, None) == [8, 4, 4]
+    assert layer_components(10, 4, None) == [3, 3, 2, 2]
+    assert layer_components(16, 3, [4, 4, 4]) == [4, 4, 4]
+    with pytest.raises(
+        ConfigError, match=r"layer_components=\[8, 8\] needs one count per decoder layer \(3\)"
+    ):
+        layer_components(16, 3, [8, 8])
+
+
+def test_client_teacher_space_refuses_other_reductions_and_a_missing_prepare_stage() -> None:
+    from mmfed.algorithms.base import ServerRound
+    from mmfed.algorithms.teacher_space import ClientTeacherSpace
+    from mmfed.config import ConfigError
+
+    with pytest.raises(ConfigError, match="image_reduction='ridge' needs paired public data"):
+        ClientTeacherSpace(image_reduction="ridge")
+    step = ClientTeacherSpace()
+    assert step.prepares and not step.uses_public
+    with pytest.raises(ValueError, match="fitted in the prepare stage before round 1"):
+        step.fit(ServerRound(1, 0, None, []))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no client sent teacher moments"):
+        step.aggregate(ServerRound(0, 0, None, [], stage="prepare"), [])  # type: ignore[arg-type]
