@@ -319,18 +319,16 @@ class ClientTeacherSpace(TeacherSpace):
         dim = _embed_dim(round_)
         image_cls = self.image_classes if self.image_classes is not None else classes or []
         text_cls = self.text_classes if self.text_classes is not None else []
+        if len(image_cls) + len(text_cls) < 2:
+            raise ValueError(
+                f"client_teacher_space needs at least 2 class names to fit the text map, got "
+                f"{image_cls + text_cls} (set algorithm.server_steps.teacher_space.image_classes)"
+            )
         prompts = torch.cat([self.features.prompts(c) for c in (image_cls, text_cls) if c])
-        if len(prompts) < 2:
-            raise ValueError("client_teacher_space needs at least 2 class names to fit the text map")
         self.text_map = _padded(_unit_scale(fit_pca(prompts, _rank(prompts, dim)), prompts), dim)
         self.image_map = self.layer_map(moments, dim)
         self.fit_seconds = time.perf_counter() - started
-        metrics = {
-            "fit_seconds": self.fit_seconds,
-            "clients": float(len(uploads)),
-            "rows": float(moments.count),
-        }
-        return metrics
+        return {"fit_seconds": self.fit_seconds, "clients": float(len(uploads)), "rows": float(moments.count)}
 
     def broadcast(self, round_: ServerRound, client: ClientSpec) -> Payload:
         if round_.stage == "prepare":
