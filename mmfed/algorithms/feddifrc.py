@@ -32,21 +32,25 @@ default 999, is never read): squared error (paper; the maps scale teacher featur
 RMS norm). Texts: the caption's text-encoder embedding.
 
 **Teacher modes** (``loss_terms.tdcl.mode``; every preset names the one it runs):
+- ``conditioned`` (paper: the local feature injected into SD as a condition; the term's default): z,
+  mapped back into the text-embedding space (`TeacherView.text_to_teacher`, scaled by
+  ``condition_scale``), is added to the prompt's token embeddings and the U-Net runs with gradients
+  to z, once per candidate class per step:
+  C (or 1 + ``negatives``) U-Net passes per sample per step (as the reference code's unused
+  ``forward_condition_list`` adds the condition to the prompt embeddings). Measured:
+  eval/bench_tdcl_modes.py (the README's cost table): ~300x a cached step on the tiny test teacher on
+  CPU, unaffordable there for a real run, so **every preset sets mode=cached** and says so.
 - ``cached`` (reference code: static features extracted once): F(x, P_c) does not depend on the local
   model, so it is computed once per (sample, class) and read from the teacher cache every later step
-  and round. Cost per step: a cache read. Default of our presets (a CPU can run it).
-- ``conditioned`` (paper: the local feature injected into SD as a condition): z, mapped back into the
-  text-embedding space (`TeacherView.text_to_teacher`, scaled by ``condition_scale``), is added to the
-  prompt's token embeddings and the U-Net runs with gradients to z, once per candidate class per step:
-  C (or 1 + ``negatives``) U-Net passes per sample per step. Measured: eval/bench_tdcl_modes.py (the
-  README's cost table); unaffordable on CPU beyond the tiny test teacher.
+  and round. Cost per step: a cache read.
 
 **Options** (paper default first): ``normalizer`` mean_distance | none (reference code);
-``temperature`` 0.04; ``negatives`` None (all C - 1, paper) | k drawn per sample (ours);
-``mode`` as above; ``distance`` l2 | cosine (ours); ``center_classes`` false | true (ours: subtract
-each sample's mean class representation first, for teachers whose prompts barely move the features);
-``modalities`` image, text (text is ours). Map options live on the server step (teacher_space.py):
-``image_reduction`` layer_pca (paper) | ridge | pca (ours), ``layer_components``.
+``temperature`` 0.04; ``negatives`` None (all C - 1, paper) | k drawn per sample (ours); ``mode``
+conditioned (paper) | cached (reference code; what the presets run); ``distance`` l2 | cosine (ours);
+``center_classes`` false | true (ours: subtract each sample's mean class representation first, for
+teachers whose prompts barely move the features); ``modalities`` image, text (text is ours). Map
+options live on the server step (teacher_space.py): ``image_reduction`` layer_pca (paper) | ridge |
+pca (ours), ``layer_components``.
 
 **Departures of ours** (options, off in the paper presets): the text side; ``center_classes``;
 ``distance=cosine``; ``image_reduction=ridge`` (shared image-text space for multimodal clients); the
@@ -162,7 +166,7 @@ class TextDrivenContrastive(_TeacherTerm):
         temperature: float = 0.04,  # tau (reference code; the paper gives none)
         normalizer: str = "mean_distance",  # U of the paper; "none": plain cosine (reference code)
         negatives: int | None = None,  # negative classes per sample (None: all C - 1)
-        mode: str = "cached",
+        mode: str = "conditioned",  # paper; every preset sets cached (CPU cost, see the docstring)
         condition_scale: float = 1.0,  # conditioned mode: weight of the local feature added to the prompt
         center_classes: bool = False,  # contrast only the prompt-specific part of the representations
         modalities: list[str] = ("image", "text"),

@@ -260,7 +260,7 @@ def test_tdcl_forward_contrasts_each_sample_with_its_own_class_prompt_representa
     z = torch.stack([e1 + 0.5 * e2, e1])  # a (label 0) leans to e1, its own class-0 feature
     labels = torch.tensor([0, 1])  # b's own class-1 feature is e2 + e3, orthogonal to z_b
     tau = 0.5
-    term = TextDrivenContrastive(temperature=tau, normalizer="none", modalities=["image"])
+    term = TextDrivenContrastive(temperature=tau, normalizer="none", mode="cached", modalities=["image"])
     losses = _term_batch(term, per_class, {}, z, labels)
     ca = [1 / math.sqrt(1.25), 0.5 / math.sqrt(1.25), 0.0]  # cos(z_a, e1), (z_a, e2), (z_a, e3)
     cb = [0.0, 0.0, 1.0]  # cos(z_b, e3), (z_b, e2 + e3), (z_b, e1): its positive (class 1) is 0
@@ -273,8 +273,9 @@ def test_tdcl_forward_contrasts_each_sample_with_its_own_class_prompt_representa
 def test_tdcl_forward_with_the_default_normaliser_and_temperature() -> None:
     from mmfed.algorithms.feddifrc import TextDrivenContrastive
 
-    term = TextDrivenContrastive(modalities=["image"])
-    assert (term.temperature, term.normalizer, term.mode) == (0.04, "mean_distance", "cached")
+    assert TextDrivenContrastive().mode == "conditioned"  # the paper's; presets choose cached
+    term = TextDrivenContrastive(mode="cached", modalities=["image"])
+    assert (term.temperature, term.normalizer) == (0.04, "mean_distance")
     e1, e2, e3 = torch.eye(3)
     per_class = {"a": torch.stack([e1, e2, e3]), "b": torch.stack([e3, e1, e2])}
     z = torch.stack([e1, e2])
