@@ -1,33 +1,62 @@
-"""FedDifRC's two client terms: text-driven diffusion contrastive learning (TDCL) and noise-driven
-diffusion consistency regularisation (NDCR).
+"""FedDifRC (Wang et al., "FedDifRC: Unlocking the Potential of Text-to-Image Diffusion Models in
+Heterogeneous Federated Learning", ICCV 2025, arXiv 2507.06482; reference code hwang52/FedDifRC).
 
-**TDCL.** For a labelled sample x with class y, the teacher makes one representation per class
-prompt p_c = template(c): r_c(x), the pooled U-Net decoder features of x noised to timestep t and
-denoised under p_c (images), or the text encoder's embedding of p_c (texts). All are mapped into the
-shared latent space (`TeacherView`). With z the local embedding and tau the temperature:
+Client loss L = L_CE + L_TDCL + L_NDCR (weights 1; ``loss_terms.tdcl.weight`` / ``ndcr.weight``) on
+FedAvg. Code names -> paper symbols:
 
-    L_TDCL = - log( exp(cos(z, r_y) / tau) / sum_{c in {y} u N(x)} exp(cos(z, r_c) / tau) )
+- ``z`` (``out["image_emb"]``, the local encoder's embedding)    -> z_i = h_k(x_i)
+- ``reps[i, k]`` (`TextDrivenContrastive`)                       -> F_i under prompt P_c, c = candidates[i, k]
+- ``candidates[i, 0]`` = the label y_i; ``candidates[i, 1:]``    -> N_i, the non-matching class prompts
+- ``tdcl_loss(..., normalizer="mean_distance")``                 -> s(z_i, F) = cos(z_i, F) / U
+- ``temperature``                                               -> tau (0.04, the reference code's)
+- teacher features via `TeacherView.image` (per-layer PCA map)    -> F_i / H_i: decoder layers 2-4, each
+  PCA-reduced (D/2, D/4, D/4 = 256/128/128 at D = 512), concatenated (teacher_space.py)
+- `NoiseDrivenConsistency` target, ``teacher.timestep`` (300)    -> H_i, x_i noised to t and denoised
+- ``consistency_loss(..., "l2")``                               -> L_NDCR = sum_q (z_iq - H_iq)^2
 
-N(x) are the other classes (all C-1, or `negatives` of them drawn per sample). Each sample's
-negatives are *its own* representations under the other prompts, never another sample's. Computed
-as ``logits - logsumexp(logits)``, which is stable in fp16.
+**TDCL.** L_i = log(1 + sum_{j in N_i} exp(s(z_i, F_ij)/tau) / exp(s(z_i, F_iy)/tau)), i.e.
+-log softmax over sample i's *own* candidates at its positive, computed as ``logsumexp(logits) -
+logits[y]`` in float32 (the reference code's exp(cos / 0.04) / sum overflows). Each sample's negatives
+are its own representations under the other prompts, never another sample's (the reference code's
+single softmax over the whole batch contrasts samples with each other's representations).
+U: the paper defines it as "the mean distance between all sample embeddings and the current diffusion
+representation"; the reference code has no U. Ours (the paper silent on the distance and the batch):
+U_ik = mean over the batch's embeddings z_b of ||z_b/|z_b| - F_ik/|F_ik| || (Euclidean distance of
+unit vectors, so U is scale-free like the cosine it divides), a statistic without gradient.
+Texts (our multimodal extension): a caption embedding against the mapped text embeddings of the
+class prompts.
 
-`center_classes=true` (our option, not in the paper) subtracts, per sample, the mean of its class
-representations first (over all C classes in cached mode, over the candidates in conditioned mode),
-so only what the prompt changes is contrasted: with a teacher whose prompts barely move the U-Net
-features (ours: mean cosine 0.996 between an image's class representations) plain TDCL has nothing
-to separate.
+**NDCR.** The local embedding is pulled towards the teacher's denoising representation of the same
+sample at ``teacher.timestep`` (paper: t = 300 best, 999 bad; the reference code's timestep option,
+default 999, is never read): squared error (paper; the maps scale teacher features to unit
+RMS norm). Texts: the caption's text-encoder embedding.
 
-Two modes. *cached* (default): r_c(x) does not depend on the local model, so it is computed once
-per (sample, class) and read from the teacher cache every later step and round. *conditioned*: the
-local feature z, mapped back into the text-embedding space, is added to the prompt's token
-embeddings before the U-Net runs, so r_c depends on z and is recomputed every step, with gradients
-through the frozen U-Net: C (or 1 + negatives) U-Net passes per sample per step, the expensive option.
+**Teacher modes** (``loss_terms.tdcl.mode``; every preset names the one it runs):
+- ``conditioned`` (paper: the local feature injected into SD as a condition; the term's default): z,
+  mapped back into the text-embedding space (`TeacherView.text_to_teacher`, scaled by
+  ``condition_scale``), is added to the prompt's token embeddings and the U-Net runs with gradients
+  to z, once per candidate class per step:
+  C (or 1 + ``negatives``) U-Net passes per sample per step (as the reference code's unused
+  ``forward_condition_list`` adds the condition to the prompt embeddings). Measured:
+  eval/bench_tdcl_modes.py (the README's cost table): ~300x a cached step on the tiny test teacher on
+  CPU, unaffordable there for a real run, so **every preset sets mode=cached** and says so.
+- ``cached`` (reference code: static features extracted once): F(x, P_c) does not depend on the local
+  model, so it is computed once per (sample, class) and read from the teacher cache every later step
+  and round. Cost per step: a cache read.
 
-**NDCR.** The local embedding is pulled towards the teacher's representation of the same sample:
-the denoising representation at timestep t (images; prompt from `teacher.condition`) or the text
-encoder's embedding of the caption (texts); ``distance=cosine`` (1 - cos) or ``l2`` (squared error;
-the maps are scaled so teacher features have unit mean norm).
+**Options** (paper default first): ``normalizer`` mean_distance | none (reference code);
+``temperature`` 0.04; ``negatives`` None (all C - 1, paper) | k drawn per sample (ours); ``mode``
+conditioned (paper) | cached (reference code; what the presets run); ``distance`` l2 | cosine (ours);
+``center_classes`` false | true (ours: subtract each sample's mean class representation first, for
+teachers whose prompts barely move the features); ``modalities`` image, text (text is ours). Map
+options live on the server step (teacher_space.py): ``image_reduction`` layer_pca (paper) | ridge |
+pca (ours), ``layer_components``.
+
+**Departures of ours** (options, off in the paper presets): the text side; ``center_classes``;
+``distance=cosine``; ``image_reduction=ridge`` (shared image-text space for multimodal clients); the
+per-layer PCA reads block-pooled features (spatial means) where the reference code runs PCA over every
+pixel position and takes the spatial L2 norm of each component; the maps are fitted once (public split,
+or without one from the clients' summed feature moments, `ClientTeacherSpace`), never per batch.
 """
 
 from __future__ import annotations
@@ -45,16 +74,35 @@ from mmfed.teacher.features import caption_key
 from mmfed.utils.seeding import torch_generator
 
 MODES = ("cached", "conditioned")
+NORMALIZERS = ("mean_distance", "none")
 DISTANCES = ("cosine", "l2")
 MODALITIES = ("image", "text")
 
 
-def tdcl_loss(z: torch.Tensor, reps: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-sample InfoNCE over candidates: z [B, D], reps [B, K, D] (sample i's own candidates),
-    target [B] (which candidate is the positive) -> mean loss. Log-sum-exp form; cosines in z's dtype."""
-    logits = (normalized(z)[:, None, :] * normalized(reps)).sum(-1).to(z.dtype) / temperature  # [B, K]
+def tdcl_loss(
+    z: torch.Tensor,
+    reps: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float,
+    normalizer: str = "mean_distance",
+) -> torch.Tensor:
+    """Per-sample contrast over each sample's own candidates: z [B, D], reps [B, K, D] (row i: sample
+    i's representations under its K candidate prompts), target [B] (which candidate is the positive)
+    -> mean loss, in log-sum-exp form and float32 (finite at tau = 0.04 whatever s and z's dtype).
+
+    ``normalizer=mean_distance`` (paper): s(z_i, F_ik) = cos(z_i, F_ik) / U_ik with U_ik the mean over
+    the batch's embeddings z_b of the distance ||z_b/|z_b| - F_ik/|F_ik| || (a statistic, no gradient);
+    ``none`` (reference code): s = cos.
+    """
+    zn, rn = normalized(z), normalized(reps)
+    cosine = (zn[:, None, :] * rn).sum(-1)  # [B, K]: sample i against its own candidates only
+    if normalizer == "mean_distance":
+        every = torch.einsum("bd,ikd->bik", zn.detach(), rn.detach())  # [B, B, K]: z_b vs F_ik
+        distance = (2 - 2 * every).clamp(min=0).sqrt().mean(dim=0)  # [B, K] = U_ik
+        cosine = cosine / distance.clamp(min=1e-6)
+    logits = cosine / temperature  # float32 whatever z's dtype: s / tau can exceed fp16's range
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    return -log_prob.gather(1, target[:, None]).mean()
+    return -log_prob.gather(1, target[:, None]).mean().to(z.dtype)
 
 
 def candidate_classes(
@@ -115,9 +163,10 @@ class TextDrivenContrastive(_TeacherTerm):
     def __init__(
         self,
         weight: float = 1.0,
-        temperature: float = 0.1,
+        temperature: float = 0.04,  # tau (reference code; the paper gives none)
+        normalizer: str = "mean_distance",  # U of the paper; "none": plain cosine (reference code)
         negatives: int | None = None,  # negative classes per sample (None: all C - 1)
-        mode: str = "cached",
+        mode: str = "conditioned",  # paper; every preset sets cached (CPU cost, see the docstring)
         condition_scale: float = 1.0,  # conditioned mode: weight of the local feature added to the prompt
         center_classes: bool = False,  # contrast only the prompt-specific part of the representations
         modalities: list[str] = ("image", "text"),
@@ -128,6 +177,8 @@ class TextDrivenContrastive(_TeacherTerm):
         check_positive("temperature", temperature)
         self.center_classes = center_classes
         check_choice("mode", mode, MODES)
+        check_choice("normalizer", normalizer, NORMALIZERS)
+        self.normalizer = normalizer
         if negatives is not None:
             check_positive("negatives", negatives)
         self.temperature, self.negatives, self.mode, self.condition_scale = (
@@ -169,7 +220,9 @@ class TextDrivenContrastive(_TeacherTerm):
             else:
                 reps = self._centered(self._conditioned(batch, z, candidates, classes))
             target = torch.zeros(len(z), dtype=torch.long, device=z.device)  # the positive is candidate 0
-            losses[f"tdcl_{side}"] = self.weight * tdcl_loss(z, reps.to(z.device), target, self.temperature)
+            losses[f"tdcl_{side}"] = self.weight * tdcl_loss(
+                z, reps.to(z.device), target, self.temperature, self.normalizer
+            )
         return losses
 
     def _centered(self, reps: torch.Tensor) -> torch.Tensor:
@@ -204,7 +257,7 @@ class NoiseDrivenConsistency(_TeacherTerm):
     def __init__(
         self,
         weight: float = 1.0,
-        distance: str = "cosine",
+        distance: str = "l2",  # paper: squared error; "cosine": 1 - cos (our option)
         modalities: list[str] = ("image", "text"),
         teacher: Any = None,
         data: str = "",

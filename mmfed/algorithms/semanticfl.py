@@ -1,23 +1,39 @@
-"""SemanticFL: the heavy teacher work happens once, on the server; clients run no diffusion model.
+"""SemanticFL ("Diffusion-Guided Semantic Consistency for Multimodal Heterogeneity", Liu et al.,
+arXiv 2603.19337; no public code): the heavy teacher work happens once, on the server; clients run no
+diffusion model.
 
-The server step (`semantic_anchors`) runs the teacher on the public split and on the class prompts
-(through the persistent cache, so each public row and prompt is computed once per run family),
-maps everything into the shared latent space with the teacher-space maps (teacher_space.py), and
-sends each client every round:
-- class anchors: the mapped text-encoder embeddings of the class prompts of both label sets;
-- public anchors for this round's public sample: the mapped teacher image features of each row and
-  the mapped text features of its chosen caption;
-- the maps themselves (so a client holding teacher features could map them; ours do not need to).
+Paper -> code:
+- "multi-layer SD representations including VAE-encoded latents and U-Net hierarchical features"
+  -> ``image_source=both`` (default): the pooled U-Net decoder blocks (``teacher.up_blocks``) and the
+  flattened VAE posterior-mean latents of each public image, concatenated, each source scaled to unit
+  mean centred squared norm (so neither dominates by magnitude; `teacher_space._source_scales`) and
+  mapped by one map into the shared latent space. ``unet`` / ``latents``: one source only (options).
+- "a shared semantic space that aligns heterogeneous clients" -> the teacher-space maps (text PCA of
+  the public captions and class prompts; image features ridge-mapped into it), fitted once
+  (teacher_space.py), and the anchors below, all in that space.
+- "offloads heavy computation to the server" -> `SemanticAnchors` runs the teacher on the public split
+  and the class prompts (through the persistent cache: each row and prompt once per run family) and
+  sends each client every round:
+  * class anchors: the mapped text-encoder embeddings of the class prompts of both label sets, with
+    the class names they belong to (``anchors/*_class_names``): a client matches its own labels to
+    them **by class name** (its split's class list need not be the public split's, nor in its order);
+    a client class without an anchor is one error naming the client and the classes;
+  * public anchors for this round's public sample: the mapped teacher image features of each row and
+    the mapped text features of its chosen caption.
+- "a unified consistency mechanism, employing cross-modal contrastive learning" ->
+  `SemanticConsistency`: a labelled embedding against the class anchors (InfoNCE over classes, the
+  positive its own class prompt), and on the public batch each image embedding against the text
+  anchors of the batch and each text embedding against the image anchors (InfoNCE, the positive the
+  same row), so both modalities are pulled into the teacher's one space.
 
-The client term (`semantic_consistency`) adds a cross-modal contrastive consistency between its
-embeddings and these anchors: a labelled embedding against the class anchors (InfoNCE over classes,
-the positive being its own class prompt), and on the public batch each image embedding against the
-text anchors of the batch and each text embedding against the image anchors (InfoNCE, the positive
-being the same row), so both modalities are pulled into the teacher's one space.
+The paper gives no equations or hyper-parameters for these; ours (options): ``temperature`` 0.1,
+``class_weight`` 1, ``public_weight`` 1, ``public_per_round`` 500, ``image_reduction`` ridge (pca),
+``anchor_dtype`` float16.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -44,6 +60,10 @@ IMAGE_CLASS_ANCHORS = "anchors/image_classes"  # [C_img, D]
 TEXT_CLASS_ANCHORS = "anchors/text_classes"  # [C_txt, D]
 PUBLIC_IMAGE_ANCHORS = "anchors/public_image"  # [N, D]: teacher image features of the public sample
 PUBLIC_TEXT_ANCHORS = "anchors/public_text"  # [N, D]: teacher text features of its chosen captions
+CLASS_NAMES = {
+    IMAGE_CLASS_ANCHORS: "anchors/image_class_names",
+    TEXT_CLASS_ANCHORS: "anchors/text_class_names",
+}
 
 
 @register("server_step", "semantic_anchors")
@@ -54,7 +74,7 @@ class SemanticAnchors(TeacherSpace):
         data: str = "",
         public_per_round: int = 500,
         image_reduction: str = "ridge",
-        image_source: str = "unet",
+        image_source: str = "both",  # paper: VAE latents and U-Net features | unet | latents
         fit_rows: int | None = 2000,
         ridge: float = 1e-2,
         image_classes: list[str] | None = None,
@@ -105,6 +125,10 @@ class SemanticAnchors(TeacherSpace):
         payload.tensors.update(
             {PUBLIC_INDICES: anchors[PUBLIC_INDICES], PUBLIC_CAPTIONS: anchors[PUBLIC_CAPTIONS]}
         )
+        image_cls, text_cls = self.classes(round_.public)
+        for key, names in ((IMAGE_CLASS_ANCHORS, image_cls), (TEXT_CLASS_ANCHORS, text_cls)):
+            if names:  # which class each anchor row is: clients match their labels by name, not index
+                payload.config[CLASS_NAMES[key]] = json.dumps(list(names))
         return payload
 
 
@@ -114,6 +138,25 @@ def anchor_nce(
     """InfoNCE of embeddings [B, D] against anchors [A, D]; target [B] indexes each one's positive anchor."""
     logits = normalized(z) @ normalized(anchors).T / temperature  # [B, A]
     return F.cross_entropy(logits, target)
+
+
+def anchor_rows(cid: str, key: str, classes: list[str], config: dict) -> torch.Tensor:
+    """[C_client] int64: the anchor row of each of the client's classes, matched by class name.
+
+    A client's label indexes its own split's class list, which need not be the public split's (another
+    dataset, another order); a class with no anchor is an error naming the client and the classes.
+    """
+    names = json.loads(config.get(CLASS_NAMES[key], "[]"))
+    where = {name: row for row, name in enumerate(names)}
+    missing = [c for c in classes if c not in where]
+    if missing:
+        side = key.rsplit("_", 1)[0].split("/")[-1]
+        raise ValueError(
+            f"client {cid}: {side} classes {missing} have no class anchor (the server's anchors name "
+            f"{names or 'no classes'}; set algorithm.server_steps.anchors.{side}_classes or "
+            "algorithm.loss_terms.semantic.class_weight=0)"
+        )
+    return torch.tensor([where[c] for c in classes], dtype=torch.long)
 
 
 @register("loss_term", "semantic_consistency")
@@ -138,6 +181,13 @@ class SemanticConsistency(LossTerm):
                 "semantic_consistency needs the server step semantic_anchors in algorithm.server_steps"
             )
         self.anchors = {k: v.float() for k, v in tensors.items() if k.startswith("anchors/")}
+        self.rows: dict[str, torch.Tensor] = {}  # the client's label -> its class's anchor row
+        if self.class_weight > 0:
+            own = {IMAGE_CLASS_ANCHORS: round_.image_classes, TEXT_CLASS_ANCHORS: round_.text_classes}
+            sides = {IMAGE_CLASS_ANCHORS: ("image", "paired"), TEXT_CLASS_ANCHORS: ("text", "paired")}
+            for key, classes in own.items():
+                if classes and round_.kind in sides[key]:  # the modalities this client embeds
+                    self.rows[key] = anchor_rows(round_.cid, key, classes, round_.payload.config)
 
     def forward(self, batch: Batch, out: Outputs, model: MultimodalModel) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
@@ -145,9 +195,10 @@ class SemanticConsistency(LossTerm):
         if self.class_weight > 0:
             for side, key in (("image", IMAGE_CLASS_ANCHORS), ("text", TEXT_CLASS_ANCHORS)):
                 labels = batch.get(f"{side}_labels")
-                if f"{side}_emb" in out and labels is not None and key in self.anchors:
+                if f"{side}_emb" in out and labels is not None and key in self.rows:
+                    target = self.rows[key].to(labels.device)[labels]
                     loss = anchor_nce(
-                        out[f"{side}_emb"], self.anchors[key].to(device), labels, self.temperature
+                        out[f"{side}_emb"], self.anchors[key].to(device), target.to(device), self.temperature
                     )
                     losses[f"semantic_class_{side}"] = self.weight * self.class_weight * loss
         positions = batch.get("public_positions")

@@ -14,6 +14,7 @@ its seed), so every sample-keyed cache's fingerprint includes a digest of the da
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -103,6 +104,16 @@ class TeacherFeatures:
         if self._identity is None:
             self._identity = teacher_identity(self.settings)
         return self._identity
+
+    def block_widths(self) -> list[int]:
+        """Channels of each pooled decoder block in `up_blocks` order (the layers of `images`' columns):
+        from a local folder's ``unet/config.json`` without loading weights, else from the loaded U-Net."""
+        config = Path(self.settings.model).expanduser() / "unet" / "config.json"
+        if self._teacher is None and config.is_file():
+            channels = list(reversed(json.loads(config.read_text())["block_out_channels"]))
+        else:
+            channels = [self.teacher.block_channels[i] for i in range(len(self.teacher.block_channels))]
+        return [int(channels[b]) for b in self.settings.up_blocks]
 
     def _batched(self, positions: list[int], run: Any) -> torch.Tensor:
         out = []

@@ -223,3 +223,110 @@ def _matrix(name: str, x: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(data).all():
         raise ValueError(f"{name} {tuple(x.shape)} holds NaN or inf")
     return data
+
+
+@dataclass
+class LayerMoments:
+    """Sufficient statistics of teacher features for a per-layer PCA: the row count, the column sums
+    [F] and, per layer (a slice of `widths` columns), the sum of outer products [w, w] (float64).
+
+    Moments add: clients each send theirs for their own images and the server sums them, so the PCA
+    is fitted once on every client's data without any image leaving its client.
+    """
+
+    widths: list[int]
+    count: int
+    total: torch.Tensor  # [F]
+    outer: list[torch.Tensor]  # [w_l, w_l] per layer
+
+    @classmethod
+    def of(cls, x: torch.Tensor, widths: list[int]) -> LayerMoments:
+        data = _matrix("x", x)
+        if sum(widths) != data.shape[1]:
+            raise ValueError(f"layer widths {widths} sum to {sum(widths)}, features have {data.shape[1]}")
+        blocks = data.split(list(widths), dim=1)
+        return cls(list(widths), data.shape[0], data.sum(dim=0), [b.T @ b for b in blocks])
+
+    def __add__(self, other: LayerMoments) -> LayerMoments:
+        if self.widths != other.widths:
+            raise ValueError(f"layer widths differ: {self.widths} vs {other.widths}")
+        outer = [a + b for a, b in zip(self.outer, other.outer, strict=True)]
+        return LayerMoments(self.widths, self.count + other.count, self.total + other.total, outer)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"count": torch.tensor([self.count], dtype=torch.float64), "total": self.total}
+        return out | {f"outer/{i}": m for i, m in enumerate(self.outer)}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> LayerMoments:
+        layers = sorted(int(k.split("/", 1)[1]) for k in tensors if k.startswith("outer/"))
+        outer = [tensors[f"outer/{i}"].to(torch.float64) for i in layers]
+        widths = [m.shape[0] for m in outer]
+        return cls(widths, int(tensors["count"].item()), tensors["total"].to(torch.float64), outer)
+
+
+def fit_layer_pca(moments: LayerMoments, components: list[int]) -> Reduction:
+    """Per-layer PCA (FedDifRC): layer l's columns are reduced to its own `components[l]` principal
+    components and the layers are concatenated, one block-diagonal matrix [F, sum(components)].
+
+    A layer with fewer directions (narrower than asked, or fewer rows than components) keeps what it
+    has and zero columns pad its slot, so a feature's coordinates always sit in the same slots. Signs
+    are fixed as in `fit_pca`. Fitted from moments (`LayerMoments`), so it is the same whether the
+    rows came from one split or were summed over clients.
+    """
+    if len(components) != len(moments.widths):
+        raise ValueError(f"{len(components)} component counts for {len(moments.widths)} layers")
+    if moments.count < 2:
+        raise ValueError(f"per-layer PCA needs at least 2 samples, got {moments.count}")
+    n = moments.count
+    mean = moments.total / n
+    matrix = torch.zeros(sum(moments.widths), sum(components), dtype=torch.float64)
+    row = col = 0
+    kept, ratios = [], []
+    for width, outer, wanted in zip(moments.widths, moments.outer, components, strict=True):
+        check = int(wanted)
+        if check < 1:
+            raise ValueError(f"per-layer PCA components must be >= 1, got {components}")
+        m = mean[row : row + width]
+        covariance = (outer - n * torch.outer(m, m)) / (n - 1)
+        values, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)  # ascending
+        values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+        rank = min(check, width, n - 1, int((values > values[0] * 1e-10).sum()) if values[0] > 0 else 0)
+        if rank:
+            top = vectors[:, :rank]
+            largest = top.abs().argmax(dim=0)
+            top = top * torch.sign(top[largest, torch.arange(rank)])
+            matrix[row : row + width, col : col + rank] = top
+        total = values.sum()
+        ratios.append(float(values[:rank].sum() / total) if total > 0 else 0.0)
+        kept.append(rank)
+        row, col = row + width, col + check
+    info = {
+        "n": n,
+        "widths": moments.widths,
+        "components": list(components),
+        "kept": kept,
+        "explained_variance_ratio": ratios,
+        "per_layer": True,
+    }
+    return Reduction(mean=mean, matrix=matrix, kind="pca", info=info)
+
+
+def rms_scaled(reduction: Reduction, moments: LayerMoments) -> Reduction:
+    """Scale a per-layer PCA so the features it was fitted on have unit root-mean-square norm
+    (computed from the moments: E||(x - mean) W||^2 = sum_l trace(W_l^T Cov_l W_l) (n-1)/n)."""
+    n = moments.count
+    mean = moments.total / n
+    row, energy = 0, 0.0
+    matrix = reduction.matrix.to(torch.float64)
+    for width, outer in zip(moments.widths, moments.outer, strict=True):
+        m = mean[row : row + width]
+        scatter = outer - n * torch.outer(m, m)  # sum of centred outer products
+        w = matrix[row : row + width]
+        energy += float(torch.trace(w.T @ scatter @ w))
+        row += width
+    scale = max((energy / n) ** 0.5, 1e-8)
+    state = reduction.state_dict()
+    state["matrix"] = state["matrix"] / scale
+    state["info"] = dict(state["info"]) | {"scale": scale}
+    return Reduction.from_state_dict(state)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmfed.teacher.reduce import Reduction, fit_pca, fit_ridge, load_or_fit, tensor_digest
+from mmfed.teacher.reduce import (
+    LayerMoments,
+    Reduction,
+    fit_layer_pca,
+    fit_pca,
+    fit_ridge,
+    load_or_fit,
+    rms_scaled,
+    tensor_digest,
+)
 
 
 def low_rank(n: int = 200, features: int = 12, rank: int = 3, noise: float = 0.0, seed: int = 0):
@@ -193,3 +202,75 @@ def test_load_or_fit_fits_once_and_refuses_a_changed_fingerprint(tmp_path) -> No
     with pytest.raises(TypeError, match="returned ndarray"):
         load_or_fit(tmp_path / "other.pt", lambda: x.numpy(), fingerprint)
     assert not (tmp_path / "other.pt").exists()
+
+
+# ----------------------------------------------------------------------------- per-layer PCA
+def layered() -> torch.Tensor:
+    """Two decoder layers: layer A (2 columns) varies along (1, 1) only, layer B (1 column) by itself."""
+    return torch.tensor(
+        [[1.0, 1.0, 3.0], [-1.0, -1.0, -3.0], [2.0, 2.0, 0.0], [-2.0, -2.0, 0.0]]
+    ) + torch.tensor([10.0, 20.0, 5.0])
+
+
+def test_layer_pca_by_hand() -> None:
+    """Each layer gets its own components, the layers are concatenated: a block-diagonal map."""
+    reduction = fit_layer_pca(LayerMoments.of(layered(), [2, 1]), components=[1, 1])
+    r = 1 / 2**0.5
+    expected = torch.tensor([[r, 0.0], [r, 0.0], [0.0, 1.0]])
+    assert torch.allclose(reduction.matrix, expected, atol=1e-6)
+    assert torch.allclose(reduction.mean, torch.tensor([10.0, 20.0, 5.0]))
+    got = reduction.apply(torch.tensor([[11.0, 21.0, 8.0]]))  # centred (1, 1, 3)
+    assert torch.allclose(got, torch.tensor([[2 * r, 3.0]]), atol=1e-6)
+    # a slot wider than the layer's directions keeps its place, zero-padded
+    wide = fit_layer_pca(LayerMoments.of(layered(), [2, 1]), components=[2, 2])
+    assert wide.out_dim == 4 and wide.info["kept"] == [1, 1]
+    assert torch.allclose(
+        wide.apply(torch.tensor([[11.0, 21.0, 8.0]])), torch.tensor([[2 * r, 0, 3.0, 0]]), atol=1e-6
+    )
+
+
+def test_layer_pca_differs_from_one_pca_of_the_concatenation() -> None:
+    """The paper reduces each layer on its own: one PCA over all columns mixes the layers."""
+    x = layered()
+    per_layer = fit_layer_pca(LayerMoments.of(x, [2, 1]), components=[1, 1]).matrix
+    joint = fit_pca(x, 2).matrix
+    assert per_layer[2, 0] == 0 and per_layer[0, 1] == 0  # block-diagonal
+    assert not torch.allclose(joint.abs(), per_layer.abs(), atol=1e-3)
+
+
+def test_layer_moments_summed_over_clients_fit_the_pca_of_all_rows() -> None:
+    """Fitted once from the clients' summed moments = fitted on all their rows together."""
+    x, _ = low_rank(n=90, features=9, rank=3, noise=0.1)
+    widths, components = [4, 3, 2], [2, 2, 1]
+    together = fit_layer_pca(LayerMoments.of(x, widths), components)
+    parts = [LayerMoments.of(x[i : i + 30], widths) for i in (0, 30, 60)]
+    summed = LayerMoments.from_tensors((parts[0] + parts[1] + parts[2]).tensors())  # through a message
+    apart = fit_layer_pca(summed, components)
+    assert torch.allclose(together.matrix, apart.matrix, atol=1e-6)
+    assert torch.allclose(together.mean, apart.mean, atol=1e-6)
+    # each layer's PCA equals the plain PCA of that layer's columns (up to the sign rule, shared)
+    first = fit_pca(x[:, :4], 2).matrix
+    assert torch.allclose(together.matrix[:4, :2], first, atol=1e-6)
+    scaled = rms_scaled(together, LayerMoments.of(x, widths))
+    assert scaled.apply(x).pow(2).sum(-1).mean().sqrt().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_layer_pca_is_fitted_once_not_per_batch() -> None:
+    """The reference code refits PCA on every batch, so a sample's coordinates depend on its batch.
+    A fitted map sends a sample to the same place whatever batch it is in."""
+    x, _ = low_rank(n=60, features=9, rank=3, noise=0.1)
+    reduction = fit_layer_pca(LayerMoments.of(x, [4, 3, 2]), [2, 2, 1])
+    alone = reduction.apply(x[:1])
+    assert torch.allclose(reduction.apply(x[:8])[:1], alone)
+    assert torch.allclose(reduction.apply(x[30:31].repeat(3, 1)), reduction.apply(x[30:31]).repeat(3, 1))
+    refit = fit_layer_pca(LayerMoments.of(x[:8], [4, 3, 2]), [2, 2, 1])  # what a per-batch fit gives
+    assert not torch.allclose(refit.apply(x[:1]), alone, atol=1e-3)
+
+
+def test_layer_pca_errors() -> None:
+    with pytest.raises(ValueError, match=r"layer widths \[2, 2\] sum to 4, features have 3"):
+        LayerMoments.of(layered(), [2, 2])
+    with pytest.raises(ValueError, match="2 component counts for 3 layers"):
+        fit_layer_pca(LayerMoments.of(layered(), [1, 1, 1]), [1, 1])
+    with pytest.raises(ValueError, match="layer widths differ"):
+        LayerMoments.of(layered(), [2, 1]) + LayerMoments.of(layered(), [1, 2])
