@@ -184,6 +184,7 @@ def test_fedafd_presets_run_what_their_names_say(
     assert cfg.algorithm.server_steps.distill.weighting == weighting
     if preset == "fedafd_paper":
         assert (cfg.layout.image, cfg.layout.text, cfg.layout.paired) == (3, 3, 4)
+        assert (cfg.model.embed_dim, cfg.training.batch_size) == (256, 256)
         assert (cfg.data.n_public, cfg.rounds, cfg.training.local_epochs, cfg.partition.alpha) == (
             10000,
             40,
@@ -225,3 +226,21 @@ def test_the_task_head_reads_the_fused_feature(tmp_path) -> None:
         reference = global_model.encode_images(images)
         assert torch.allclose(model.encode_images(images), model.image_fusion(local, reference), atol=1e-5)
         assert not torch.allclose(model.encode_images(images), local, atol=1e-3)
+
+
+def test_a_fusion_client_without_the_global_encoders_fails_loudly(tmp_path) -> None:
+    """model.fusion with a server that sends no reference encoders (here CreamFL's distillation) would
+    fuse with a random frozen encoder: the client refuses, naming the part and the fix."""
+    cfg = compose([*TINY, "algorithm=creamfl", "model.fusion=true", f"run_dir={tmp_path}"])
+    federation = Federation(cfg)
+    spec = next(c for c in federation.clients if c.kind == "text")
+    step = instantiate(cfg.algorithm.server_steps.distill, "distill")
+    context = ServerRound(
+        1, federation.seed, federation.global_model(), federation.clients, federation.public
+    )
+    payload = Payload(stage="fit", round=1)
+    payload.merge(step.broadcast(context, spec))
+    with pytest.raises(
+        ValueError, match="client text-0: model.fusion is on but the server sent no reference_text"
+    ):
+        federation.client_app(spec.cid)(payload, {})
