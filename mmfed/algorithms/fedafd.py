@@ -38,10 +38,10 @@ Named options and departures (all off by default unless said):
   epoch (its encoder steps on L_adv alone); here L_adv is added to each local step's loss, with a
   public batch per step (the framework's one training loop), and the discriminators' Adam state is
   fresh every round (the reference keeps its optimiser across rounds).
-- Departure (fusion, models/fusion.py): one fusion module per modality and trained by the client's
-  optimiser; the reference shares one iAFF between a paired client's modalities, re-creates it every
-  round and trains it with its own Adam (lr 5e-3, wd 1e-2 on image/text clients; 1e-4, 0.1 on
-  paired ones).
+- Departure (fusion, models/fusion.py): the fusion module is personal state kept across rounds and
+  trained by the client's optimiser; the reference re-creates its iAFF every round and trains it
+  with its own Adam (lr 5e-3, wd 1e-2 on image/text clients; 1e-4, 0.1 on paired ones). As in the
+  reference, a paired client's two modalities share one iAFF (``share_across_modalities``).
 """
 
 from __future__ import annotations

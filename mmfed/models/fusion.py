@@ -30,6 +30,9 @@ L2-normalised client feature (its encoders' ``extract_conv_feature`` output) wit
 model's normalised embedding.
 
 Named options:
+- ``share_across_modalities`` (on, as the reference): a paired client's image and text features go
+  through one shared iAFF module (its parts ``image_fusion`` and ``text_fusion`` are the same module,
+  saved under both names); off: a module per modality.
 - ``share_global_branch`` (off): the reference code builds a second global branch but reuses the
   first one (``global_att``) in the second iteration; iAFF, and so the paper, uses its own G2.
 - ``model/fusion_module=gates``: mmfed's earlier fusion (not the paper's): a per-channel gate
@@ -121,16 +124,40 @@ class TwoGateFusion(nn.Module):
         return fuse(local, reference, fine, coarse)
 
 
+class FusionSettings:
+    """What a ``model/fusion_module`` entry builds: `build` one module; `build_parts` the fusion parts."""
+
+    share_across_modalities = False
+
+    def build(self, embed_dim: int) -> nn.Module:
+        raise NotImplementedError
+
+    def build_parts(self, embed_dim: int, parts: list[str]) -> dict[str, nn.Module]:
+        """One module per fusion part (``image_fusion``, ``text_fusion``), or one shared by both."""
+        if self.share_across_modalities and parts:
+            shared = self.build(embed_dim)
+            return dict.fromkeys(parts, shared)
+        return {part: self.build(embed_dim) for part in parts}
+
+
 @register("model/fusion_module", "iaff")
-class IAFFSettings:
-    """``model/fusion_module=iaff`` (default): see `IterativeAttentionalFusion`."""
+class IAFFSettings(FusionSettings):
+    """``model/fusion_module=iaff`` (default): see `IterativeAttentionalFusion`.
+
+    `share_across_modalities` (on, the reference's choice): a paired client fuses its image and its
+    text features with the same iAFF module (the reference's single ``gff``); off: one per modality.
+    """
 
     def __init__(
-        self, reduction: int = 4, share_global_branch: bool = False, normalize_inputs: bool = True
+        self,
+        reduction: int = 4,
+        share_global_branch: bool = False,
+        normalize_inputs: bool = True,
+        share_across_modalities: bool = True,
     ) -> None:
         check_positive("reduction", reduction)
         self.reduction, self.share_global_branch = reduction, share_global_branch
-        self.normalize_inputs = normalize_inputs
+        self.normalize_inputs, self.share_across_modalities = normalize_inputs, share_across_modalities
 
     def build(self, embed_dim: int) -> nn.Module:
         return IterativeAttentionalFusion(
@@ -139,7 +166,7 @@ class IAFFSettings:
 
 
 @register("model/fusion_module", "gates")
-class TwoGateSettings:
+class TwoGateSettings(FusionSettings):
     """``model/fusion_module=gates``: mmfed's earlier two-gate fusion (a named option, not the paper's)."""
 
     def build(self, embed_dim: int) -> nn.Module:

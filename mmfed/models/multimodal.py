@@ -165,6 +165,7 @@ def build_model(
     if fusion:
         wanted += [extra for part in parts for extra in FUSION_PARTS.get(part, ())]
     built: dict[str, nn.Module] = {}
+    fusion_parts: dict[str, nn.Module] = {}
     for part in wanted:
         if part in encoders:
             built[part] = Tower(instantiate(encoders[part], f"model.{part}"), embed_dim)
@@ -173,7 +174,11 @@ def build_model(
             built[part] = Tower(instantiate(getattr(model_cfg, base), f"model.{base}"), embed_dim)
             built[part].requires_grad_(False)
         elif part in ("image_fusion", "text_fusion"):
-            built[part] = fusion_settings.build(embed_dim)
+            if not fusion_parts:  # built where the first one falls (one module may serve both)
+                fusion_parts = fusion_settings.build_parts(
+                    embed_dim, [p for p in wanted if p.endswith("_fusion")]
+                )
+            built[part] = fusion_parts[part]
         elif part == "image_head" and num_image_classes:
             built[part] = nn.Linear(embed_dim, num_image_classes)
         elif part == "text_head" and num_text_classes:

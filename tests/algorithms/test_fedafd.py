@@ -179,6 +179,8 @@ def test_fedafd_presets_run_what_their_names_say(
     if federation is not None:
         model = federation.build_model("paired")
         assert model.has("image_fusion") == model.has("text_fusion") == fusion
+        if fusion:  # one iAFF for both of a paired client's modalities, as in the reference
+            assert model.image_fusion is model.text_fusion
     term = instantiate(cfg.algorithm.loss_terms.adversarial, "adversarial")
     assert term.applies_to("image", None) == adversarial
     assert cfg.algorithm.server_steps.distill.weighting == weighting

@@ -114,6 +114,17 @@ def test_settings_build_the_configured_module() -> None:
         IAFFSettings(reduction=0)
 
 
+def test_a_paired_clients_modalities_share_one_iaff_unless_told_otherwise() -> None:
+    parts = ["image_fusion", "text_fusion"]
+    shared = IAFFSettings().build_parts(8, parts)
+    assert shared["image_fusion"] is shared["text_fusion"]  # the reference's single module
+    own = IAFFSettings(share_across_modalities=False).build_parts(8, parts)
+    assert own["image_fusion"] is not own["text_fusion"]
+    assert IAFFSettings().build_parts(8, ["image_fusion"]).keys() == {"image_fusion"}
+    gates = TwoGateSettings().build_parts(8, parts)
+    assert gates["image_fusion"] is not gates["text_fusion"]
+
+
 # ---------------------------------------------------------------- the `gates` option (mmfed's earlier rule)
 def test_gates_at_one_and_zero_reproduce_local_and_global_features() -> None:
     local, reference = torch.randn(3, 8), torch.randn(3, 8)
