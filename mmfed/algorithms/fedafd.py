@@ -18,8 +18,9 @@ Paper -> code:
 - GFF: fused = iAFF(l, g), read by the task heads           -> `mmfed.models.fusion` (``model.fusion``,
   ``model/fusion_module``), which ``algorithm=fedafd`` switches on (configs/algorithm/fedafd.yaml)
 
-Each step alternates as in the reference: (1) every discriminator of the client takes one step of its
-own Adam optimiser on L_D (local features detached), then (2) the encoder's loss L_adv is computed
+Each step alternates as in the reference: (1) the client's discriminators take one step of their
+Adam optimiser on weight x L_D summed over levels and modalities (local features detached), then
+(2) the encoder's loss weight x L_adv is computed
 with the updated discriminators, which are frozen for it (no gradient reaches them). The
 discriminators are MLPs D -> 128 -> 64 -> 1 with LeakyReLU(0.2) (the reference's depth), Adam with
 lr 1e-4 and PyTorch's default betas (the reference's); they output **logits** and the loss is
@@ -33,7 +34,10 @@ Named options and departures (all off by default unless said):
 - ``per_modality`` (off): a paired client gets its own pair of discriminators per modality; the
   reference (and the default) uses one D_intra and one D_inter for both of a paired client's
   modalities (its ``D_same`` / ``D_cross``). Image- and text-only clients have one modality anyway.
-- ``betas`` (default (0.9, 0.999), the reference's Adam default; mmfed used (0.5, 0.999) before).
+- ``betas`` (default (0.9, 0.999), the reference's Adam default; mmfed used (0.5, 0.999) before);
+  ``weight`` 0.5 is the reference's ``interintra_weight`` (mmfed used 0.1 before).
+- Ablations: ``weight: 0`` (experiment=fedafd_no_adversarial) removes the term entirely (a term of
+  weight 0 does not apply); ``model.fusion=false`` (experiment=fedafd_no_fusion) removes fusion.
 - Departure: the reference runs BAA as a separate pass over the public data before the local
   epoch (its encoder steps on L_adv alone); here L_adv is added to each local step's loss, with a
   public batch per step (the framework's one training loop), and the discriminators' Adam state is
