@@ -195,39 +195,47 @@ def test_fedafd_presets_run_what_their_names_say(
         )
 
 
-def test_the_task_head_reads_the_fused_feature(tmp_path) -> None:
-    """One real client round of an image client: the head's loss trains the fusion module, whose
-    output is the fusion of the client's feature with the received global encoder's feature."""
-    cfg = compose([*TINY, "algorithm=fedafd", "training.max_steps=2", f"run_dir={tmp_path}"])
+@pytest.mark.parametrize("kind", ["image", "paired"])
+def test_the_task_head_reads_the_fused_feature(tmp_path, kind: str) -> None:
+    """One real client round: the task loss (image head / paired contrastive) trains the fusion module,
+    whose output is the fusion of the client's feature with the received global encoder's feature.
+    (A module per modality here, so each modality's task input is checked on its own.)"""
+    own = "model.fusion_module.share_across_modalities=false"
+    cfg = compose([*TINY, "algorithm=fedafd", own, "training.max_steps=2", f"run_dir={tmp_path}"])
     federation = Federation(cfg)
-    spec = next(c for c in federation.clients if c.kind == "image")
+    spec = next(c for c in federation.clients if c.kind == kind)
     global_model = federation.global_model()
     step = instantiate(cfg.algorithm.server_steps.distill, "distill")
+    context = ServerRound(1, federation.seed, global_model, federation.clients, federation.public)
     payload = Payload(stage="fit", round=1)
-    payload.merge(
-        step.broadcast(
-            ServerRound(1, federation.seed, global_model, federation.clients, federation.public), spec
-        )
-    )
-    template = federation._template("image", federation.variant(spec))
+    payload.merge(step.broadcast(context, spec))
+    modalities = ("image", "text") if kind == "paired" else ("image",)
+    parts = [f"{m}_fusion" for m in modalities]
+    initial = federation._template(kind, federation.variant(spec)).part_state(parts)
     _, state = federation.client_app(spec.cid)(payload, {})
     trained = state["model"]
-    fusion_keys = [k for k in template.part_state(["image_fusion"]) if "weight" in k and "running" not in k]
-    assert fusion_keys and all(
-        not torch.equal(trained[k], template.part_state(["image_fusion"])[k]) for k in fusion_keys
-    ), "the fusion module got no gradient: the task head did not read the fused feature"
+    for part in parts:
+        keys = [k for k in initial if k.startswith(part) and "weight" in k and "running" not in k]
+        assert keys and all(not torch.equal(trained[k], initial[k]) for k in keys), (
+            f"{part} got no gradient: the task loss did not read the fused feature"
+        )
     # the fused feature is iAFF(local, global encoder's feature)
-    model = federation.pool.get("image", federation.variant(spec))
+    model = federation.pool.get(kind, federation.variant(spec))
     model.load_part_state(trained, strict_parts=False)
     model.load_part_state({k: v for k, v in payload.tensors.items() if k.startswith("reference_")})
     model.eval()
     global_model.eval()
-    images = federation.public.images[:4]
+    inputs = {"image": federation.public.images[:4], "text": [c[0] for c in federation.public.captions[:4]]}
     with torch.no_grad():
-        local = model.encode_images(images, fuse=False)
-        reference = global_model.encode_images(images)
-        assert torch.allclose(model.encode_images(images), model.image_fusion(local, reference), atol=1e-5)
-        assert not torch.allclose(model.encode_images(images), local, atol=1e-3)
+        for modality in modalities:
+            encode, encode_global = (
+                getattr(model, f"encode_{modality}s"),
+                getattr(global_model, f"encode_{modality}s"),
+            )
+            local, reference = encode(inputs[modality], fuse=False), encode_global(inputs[modality])
+            fusion = getattr(model, f"{modality}_fusion")
+            assert torch.allclose(encode(inputs[modality]), fusion(local, reference), atol=1e-5)
+            assert not torch.allclose(encode(inputs[modality]), local, atol=1e-3)
 
 
 def test_a_fusion_client_without_the_global_encoders_fails_loudly(tmp_path) -> None:
