@@ -174,6 +174,13 @@ class ClientApp:
                 if k.partition("/")[0] in model.part_names and not is_personal(model, k)
             }
         )
+        unsent = [p for p in FROZEN_PARTS if model.has(p) and p not in received]
+        if unsent:  # a fusion module reading a never-loaded (random) global encoder would train silently
+            raise ValueError(
+                f"client {self.spec.cid}: model.fusion is on but the server sent no {unsent[0]} (the global "
+                "encoder the fusion reads): use a server step that sends it (ensemble_distill with "
+                "send_global_encoders=true, as algorithm=fedafd does) or set model.fusion=false"
+            )
         reply = Reply(cid=self.spec.cid, kind=self.spec.kind, num_examples=self.spec.num_examples)
         if payload.stage == "evaluate":
             reply.metrics = self._evaluate(model)

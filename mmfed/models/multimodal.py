@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mmfed.config import check_choice, instantiate
-from mmfed.models.fusion import GranularityAwareFusion
+from mmfed.models.fusion import IAFFSettings
 
 PARTS = (
     "image_encoder", "text_encoder", "image_head", "text_head", "logit_scale",
@@ -151,7 +151,8 @@ def build_model(
 
     `image_encoder` / `text_encoder` override the config's encoders (model heterogeneity: a client
     may use another architecture than the global model). With `fusion`, every encoder gets a fusion
-    module and a frozen reference tower of the *global* architecture (``model.image_encoder`` ...).
+    module (``model.fusion_module``, default iAFF) and a frozen reference tower of the *global*
+    architecture (``model.image_encoder`` ...).
     """
     embed_dim = int(model_cfg.embed_dim)
     encoders = {
@@ -159,9 +160,12 @@ def build_model(
         "text_encoder": text_encoder or model_cfg.text_encoder,
     }
     wanted = list(parts)
+    fusion_cfg = model_cfg.get("fusion_module") if fusion else None
+    fusion_settings = instantiate(fusion_cfg, "model.fusion_module") if fusion_cfg else IAFFSettings()
     if fusion:
         wanted += [extra for part in parts for extra in FUSION_PARTS.get(part, ())]
     built: dict[str, nn.Module] = {}
+    fusion_parts: dict[str, nn.Module] = {}
     for part in wanted:
         if part in encoders:
             built[part] = Tower(instantiate(encoders[part], f"model.{part}"), embed_dim)
@@ -170,7 +174,11 @@ def build_model(
             built[part] = Tower(instantiate(getattr(model_cfg, base), f"model.{base}"), embed_dim)
             built[part].requires_grad_(False)
         elif part in ("image_fusion", "text_fusion"):
-            built[part] = GranularityAwareFusion(embed_dim)
+            if not fusion_parts:  # built where the first one falls (one module may serve both)
+                fusion_parts = fusion_settings.build_parts(
+                    embed_dim, [p for p in wanted if p.endswith("_fusion")]
+                )
+            built[part] = fusion_parts[part]
         elif part == "image_head" and num_image_classes:
             built[part] = nn.Linear(embed_dim, num_image_classes)
         elif part == "text_head" and num_text_classes:
