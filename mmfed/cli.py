@@ -131,16 +131,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from mmfed.config import ConfigError
+    from mmfed.federation.folder import RunFolderError, describe_os_error
     from mmfed.federation.run import RunError
     from mmfed.federation.server import RoundFailed
     from mmfed.models.encoders import PretrainedLoadError
 
     try:
         return args.run(args)
-    except (ConfigError, RunError, RoundFailed, PretrainedLoadError, FileNotFoundError, ValueError) as error:
+    except (
+        ConfigError, RunError, RunFolderError, RoundFailed, PretrainedLoadError, FileNotFoundError, ValueError
+    ) as error:  # fmt: skip
         if os.environ.get("MMFED_DEBUG"):
             raise  # the full traceback, for bugs rather than bad input
         print(f"mmfed: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a disk full, a read-only file: name the file
+        if os.environ.get("MMFED_DEBUG"):
+            raise
+        print(f"mmfed: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
 
 

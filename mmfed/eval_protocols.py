@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmfed.config import ConfigError, instantiate, node_for, registered
 from mmfed.data.sources.protocols import Protocol, get_protocol
 from mmfed.evaluation import encode, evaluate_protocol  # noqa: F401  (this module's API too)
-from mmfed.utils.io import load_torch, save_json
+from mmfed.utils.io import save_json
 
 CHECKPOINTS = ("best", "last")
 OPTIONS = ("protocol", "checkpoint", "fold_size", "batch_size", "backend", "device", "quiet")
@@ -103,7 +103,7 @@ def _int(options: dict[str, str], key: str) -> int | None:
 
 def evaluate_run(run_dir: str | Path, tokens: list[str]) -> dict[str, Any]:
     """``mmfed eval``: evaluate RUN_DIR's checkpoint on a protocol, save and return the result."""
-    from mmfed.federation.run import Federation
+    from mmfed.federation.run import Federation, load_global_weights, load_run_config
 
     options, data_overrides = parse_options(tokens)
     protocol = get_protocol(options["protocol"])
@@ -113,7 +113,7 @@ def evaluate_run(run_dir: str | Path, tokens: list[str]) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{config_file} not found: RUN_DIR must be a run folder written by mmfed train"
         )
-    cfg = OmegaConf.load(config_file)
+    cfg = load_run_config(config_file)
     if "device" in options:
         cfg.device = options["device"]
     checkpoint = options.get("checkpoint", "best")
@@ -130,15 +130,7 @@ def evaluate_run(run_dir: str | Path, tokens: list[str]) -> dict[str, Any]:
     split = instantiate(source_cfg, "data").split(protocol.split)
 
     model = Federation(cfg).global_model()
-    state = load_torch(path)
-    if isinstance(state, dict) and "global" in state and "round" in state:  # last.pt holds more than weights
-        state = state["global"]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError) as error:
-        raise ValueError(
-            f"checkpoint {path} does not fit the model of {config_file}: {str(error).splitlines()[0]}"
-        ) from error
+    load_global_weights(path, model, config_file)
 
     evaluation = cfg.get("evaluation") or {}
     began = time.perf_counter()

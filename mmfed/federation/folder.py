@@ -63,8 +63,10 @@ def describe_os_error(error: OSError) -> str:
     if error.errno == errno.ENOSPC:
         return f"cannot write {where}: no space left on the disk; free space or choose another run_dir=..."
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write {where}: permission denied (read-only folder?); choose another run_dir=..."
-    return f"cannot write {where}: {error.strerror or error}"
+        return f"{where}: permission denied (a read-only folder or another user's file); use another path"
+    if error.errno == errno.ENOTDIR:
+        return f"{where}: a path component is a file, not a folder; use another path"
+    return f"{where}: {error.strerror or error}"
 
 
 class RunLock:

@@ -281,7 +281,7 @@ class Run:
                 raise RunError(
                     f"resume=true but {config_file} does not exist; give the name of an existing run"
                 )
-            saved = load_yaml(config_file)
+            saved = load_run_config(config_file)
             ignore = {"resume", "quiet", "rounds", "name"}  # the folder is the identity; name only names it
             changed = [
                 k
@@ -569,6 +569,38 @@ def load_checkpoint(path: Path, keys: tuple[str, ...] = (), advice: str = RESUME
             f"{advice}"
         )
     return checkpoint
+
+
+RUN_CONFIG_KEYS = ("seed", "data", "partition", "layout", "model", "training", "algorithm", "evaluation")
+
+
+def load_run_config(path: Path) -> DictConfig:
+    """A run folder's config.yaml; unreadable or lacking a run's keys is one line naming the file."""
+    cfg = load_yaml(path)
+    missing = [key for key in RUN_CONFIG_KEYS if key not in cfg]
+    if missing:
+        raise CorruptFileError(
+            f"config file {path} is not an mmfed run config (no key {missing[0]!r}); restore it from the "
+            "run that wrote it or start a new run name"
+        )
+    return cfg
+
+
+def load_global_weights(path: Path, model: MultimodalModel, config_file: Path) -> None:
+    """Load a run's global weights (best.pt, or last.pt's ``global``) into `model`; a damaged file or
+    one from another config is one line naming the file (`mmfed eval`, `mmfed personalize`)."""
+    advice = "pass checkpoint=last (or best), or train the run again"
+    state = load_torch(path, "checkpoint", advice)
+    if isinstance(state, dict) and "global" in state and "round" in state:  # last.pt holds more than weights
+        state = state["global"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CorruptFileError(f"checkpoint {path} does not hold model weights; {advice}")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as error:
+        raise CorruptFileError(
+            f"checkpoint {path} does not fit the model of {config_file}: {str(error).splitlines()[0][:200]}"
+        ) from error
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
