@@ -282,7 +282,7 @@ class Run:
                     f"resume=true but {config_file} does not exist; give the name of an existing run"
                 )
             saved = load_run_config(config_file)
-            ignore = {"resume", "quiet", "rounds", "name"}  # the folder is the identity; name only names it
+            ignore = {"resume", "quiet", "rounds", "name", "run_dir"}  # the folder is the identity
             changed = [
                 k
                 for k in set(saved) | set(self.cfg)
@@ -293,6 +293,11 @@ class Run:
                     f"resume=true but config key '{sorted(changed)[0]}' differs from {config_file}; "
                     "resume with the same config (only rounds, quiet may change)"
                 )
+            last, metrics_file = self.dir / "checkpoints" / "last.pt", self.dir / "metrics.jsonl"
+            if last.exists():  # what `train` will read: damaged is an error now, before any write
+                load_checkpoint(last, RESUME_KEYS, RESUME_ADVICE)
+                if metrics_file.exists():
+                    read_metrics(metrics_file)
         elif (self.dir / "checkpoints").exists():
             raise RunError(
                 f"run folder {self.dir} already holds a run; pass resume=true to continue it or "

@@ -72,6 +72,35 @@ def remove_stale_temp_files(
     return removed
 
 
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_dead_temp_dirs(parent: Path, prefix: str, stale_seconds: float = 24 * 3600.0) -> list[Path]:
+    """Delete ``<prefix><pid>-*`` temp folders under `parent` whose process has exited (a killed
+    writer's leftovers, e.g. ``.synthetic-sd.tmp-<pid>-xxxx`` of `mmfed teacher pretrain`); a name
+    without a pid (older versions) goes once it is `stale_seconds` old. Returns what was removed."""
+    removed = []
+    for path in parent.glob(f"{prefix}*") if parent.is_dir() else []:
+        head = path.name[len(prefix) :].split("-", 1)[0]
+        try:
+            gone = _process_gone(int(head)) if head.isdigit() else (
+                time.time() - path.stat().st_mtime > stale_seconds
+            )
+        except FileNotFoundError:
+            continue
+        if gone and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def save_torch(obj: Any, path: str | Path) -> None:
     atomic_write(Path(path), lambda handle: torch.save(obj, handle))
 
