@@ -109,7 +109,10 @@ def check_run_keys(cfg: DictConfig) -> None:
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
     ):
-        raise ConfigError(f"config key 'client_timeout': must be seconds > 0 or null, got {timeout!r}")
+        raise ConfigError(
+            "config key 'client_timeout': client_timeout must be a number of seconds > 0 or null, "
+            f"got {timeout!r}"
+        )
     per_kind = cfg.get("partition_by_kind") or {}
     unknown = sorted(set(per_kind) - set(CLIENT_KINDS))
     if unknown:

@@ -105,7 +105,7 @@ def save_torch(obj: Any, path: str | Path) -> None:
     atomic_write(Path(path), lambda handle: torch.save(obj, handle))
 
 
-def load_torch(path: str | Path, what: str = "checkpoint", advice: str | None = None) -> Any:
+def load_torch(path: str | Path, what: str = "file", advice: str | None = None) -> Any:
     """`torch.load` on CPU; an empty, truncated or garbage file is a one-line `CorruptFileError`."""
     path = Path(path)
     if not path.is_file():
