@@ -612,7 +612,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of metrics.jsonl; a damaged line is one line naming the file and the line."""
     return read_jsonl(
         path,
-        advice="the run's per-round log; restore it, or resume=true from a clean copy of the run folder",
+        advice="the run's per-round log: delete or repair that line (its round then has no record), or "
+        "start another name=...",
         check=lambda record: isinstance(record, dict) and isinstance(record.get("round"), int),
     )
 

@@ -129,8 +129,11 @@ _REWRITE = "delete it and write it again (rerun the command that made it)"
 
 
 def _first_line(error: BaseException) -> str:
+    """The exception's first sentence (torch's zip errors run on for a paragraph)."""
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    return f"{type(error).__name__}: {lines[0].split('. ')[0][:120]}"
 
 
 def strict(obj: Any) -> Any:
