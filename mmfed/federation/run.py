@@ -603,8 +603,10 @@ def load_global_weights(path: Path, model: MultimodalModel, config_file: Path) -
     try:
         model.load_state_dict(state)
     except (RuntimeError, KeyError) as error:
+        why = " ".join(str(error).split())[:240]
         raise CorruptFileError(
-            f"checkpoint {path} does not fit the model of {config_file}: {str(error).splitlines()[0][:200]}"
+            f"checkpoint {path} does not fit the model of {config_file} ({why}); "
+            "pass the checkpoint this run wrote (checkpoint=best|last)"
         ) from error
 
 
