@@ -15,66 +15,12 @@ import os
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-def config_dir(explicit: str | None = None) -> Path:
-    for candidate in (explicit, os.environ.get("MMFED_CONFIG_DIR"), REPO_CONFIGS, Path.cwd() / "configs"):
-        if candidate and (Path(candidate) / "config.yaml").exists():
-            return Path(candidate).resolve()
-    raise FileNotFoundError("no configs/config.yaml found: pass --config-dir or set MMFED_CONFIG_DIR")
-
-
-def compose(overrides: list[str], config_path: str | None = None) -> DictConfig:
-    """Compose the config with overrides; unknown keys and bad values become one-line errors."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import ConfigCompositionException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-
-    import mmfed.algorithms  # noqa: F401  (register every component's structured config)
-    import mmfed.data.synthetic  # noqa: F401
-    import mmfed.evaluation  # noqa: F401
-    import mmfed.federation.client  # noqa: F401
-    import mmfed.federation.flower.settings  # noqa: F401  (the `flower` group; no flwr import)
-    import mmfed.models.encoders  # noqa: F401
-    import mmfed.teacher.model  # noqa: F401  (the `teacher` group)
-    from mmfed.config import ConfigError
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir(config_path)), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=overrides)
-    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as error:
-        raise ConfigError(_one_line(error)) from error
-
-
-def _one_line(error: BaseException) -> str:
-    """The most specific message in the exception chain, on one line, naming the config key if known."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    chain: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    for item in chain:  # OmegaConf knows the full key of a bad value: say it
-        key = getattr(item, "full_key", None)
-        if isinstance(item, OmegaConfBaseException) and key and "$" not in str(item):
-            text = " ".join(str(item).split("full_key:")[0].split())
-            return f"config key '{key}': {text}"
-    for item in chain:
-        text = " ".join(str(item).split())
-        if text and "$VALUE" not in text:
-            return text.split(" Config search path:")[0]
-    return type(error).__name__
+from mmfed.composition import REPO_CONFIGS, compose, config_dir  # noqa: F401  (the CLI's API, below it)
+from mmfed.composition import one_line as _one_line
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mmfed.federation.run import train
+    from mmfed.federation.launch import train
 
     cfg = compose(args.overrides, args.config_dir)
     if cfg.quiet:
@@ -185,16 +131,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from mmfed.config import ConfigError
+    from mmfed.federation.folder import RunFolderError, describe_os_error
     from mmfed.federation.run import RunError
     from mmfed.federation.server import RoundFailed
     from mmfed.models.encoders import PretrainedLoadError
 
     try:
         return args.run(args)
-    except (ConfigError, RunError, RoundFailed, PretrainedLoadError, FileNotFoundError, ValueError) as error:
+    except (
+        ConfigError, RunError, RunFolderError, RoundFailed, PretrainedLoadError, FileNotFoundError, ValueError
+    ) as error:  # fmt: skip
         if os.environ.get("MMFED_DEBUG"):
             raise  # the full traceback, for bugs rather than bad input
         print(f"mmfed: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a disk full, a read-only file: name the file
+        if os.environ.get("MMFED_DEBUG"):
+            raise
+        print(f"mmfed: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -168,5 +169,7 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
 
 
 def check_positive(name: str, value: float, strict: bool = True) -> None:
-    if (value <= 0) if strict else (value < 0):
+    """`value` > 0 (or >= 0 with ``strict=False``) and finite; NaN fails too (it compares False)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value < float("inf")
+    if not ok or not ((value > 0) if strict else (value >= 0)):
         raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value!r}")

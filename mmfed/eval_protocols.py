@@ -21,124 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from mmfed.config import ConfigError, instantiate, node_for, registered
-from mmfed.data.samples import MultimodalSplit
 from mmfed.data.sources.protocols import Protocol, get_protocol
-from mmfed.metrics import classification_accuracy, retrieval_protocol
-from mmfed.utils.io import load_torch, save_json
+from mmfed.evaluation import encode, evaluate_protocol  # noqa: F401  (this module's API too)
+from mmfed.utils.io import save_json
 
 CHECKPOINTS = ("best", "last")
 OPTIONS = ("protocol", "checkpoint", "fold_size", "batch_size", "backend", "device", "quiet")
-
-
-@torch.no_grad()
-def encode(
-    model: Any, split: MultimodalSplit, batch_size: int = 256, progress: bool = False
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(image embeddings [N, D] | None, caption embeddings [M, D] | None, caption -> row, caption label).
-
-    Images are decoded a batch at a time (`split.images[i : i + batch_size]`), so a lazy column is
-    never decoded whole; the bars show encoding progress.
-    """
-    image_emb = text_emb = None
-    if split.images is not None and model.has("image_encoder"):
-        starts = range(0, len(split), batch_size)
-        bar = tqdm(starts, desc=f"encoding {split.name} images", unit="batch", disable=not progress)
-        image_emb = torch.cat(
-            [model.encode_images(split.images[i : i + batch_size]).float().cpu() for i in bar]
-        )
-    rows = labels = torch.zeros(0, dtype=torch.int64)
-    if split.captions is not None and model.has("text_encoder"):
-        texts, rows, labels = split.flat_captions()
-        starts = range(0, len(texts), batch_size)
-        bar = tqdm(starts, desc=f"encoding {split.name} captions", unit="batch", disable=not progress)
-        text_emb = torch.cat([model.encode_texts(texts[i : i + batch_size]).float().cpu() for i in bar])
-    return image_emb, text_emb, rows, labels
-
-
-def _accuracy(
-    model: Any, head: str, emb: torch.Tensor, labels: torch.Tensor, classes: list[str], name: str
-) -> float:
-    """Top-1 accuracy of `head` on `emb`; a head trained for another class count is an error."""
-    layer = getattr(model, head)
-    if layer.out_features != len(classes):
-        raise ValueError(
-            f"protocol {name}: the model's {head} predicts {layer.out_features} classes, the dataset has "
-            f"{len(classes)}; evaluate a run trained on this dataset"
-        )
-    return classification_accuracy(layer(emb.to(model.device)).cpu(), labels, len(classes))
-
-
-def evaluate_protocol(
-    model: Any,
-    protocol: Protocol,
-    split: MultimodalSplit,
-    *,
-    batch_size: int = 256,
-    fold_size: int | None = None,
-    ks: tuple[int, ...] = (1, 5, 10),
-    chunk_size: int = 256,
-    backend: str = "auto",
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Metrics of `model` on `split` under `protocol`, plus the sizes they were computed on.
-
-    Keys are flat as in summary.json: ``retrieval/i2t/R@1`` ... ``retrieval/rsum``,
-    ``retrieval/rsum@1``, ``classification/image/acc`` / ``classification/text/acc``. For a folded
-    protocol (``fold_size``, 1,000 for coco-1k unless overridden) the retrieval keys are the means
-    over the folds; images past the last whole fold are left out (and counted).
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        image_emb, text_emb, rows, labels = encode(model, split, batch_size, progress)
-    finally:
-        model.train(was_training)
-    out: dict[str, Any] = {"images": len(split), "captions": int(rows.numel())}
-    metrics: dict[str, float] = {}
-    if protocol.task == "retrieval":
-        if image_emb is None or text_emb is None:
-            raise ValueError(
-                f"protocol {protocol.name} needs images and captions and a model with both encoders; "
-                f"split '{split.name}' / the model lack one"
-            )
-        folds = fold_size or protocol.fold_size
-        n = image_emb.shape[0]
-        if folds is not None and n < 2 * folds:
-            raise ValueError(
-                f"protocol {protocol.name}: split '{split.name}' has {n} images, fewer than two folds of "
-                f"fold_size={folds}; use a smaller fold_size"
-            )
-        scores = retrieval_protocol(
-            image_emb, text_emb, rows, ks=ks, fold_size=folds or n + 1, chunk_size=chunk_size, backend=backend
-        )
-        prefix = "1k/" if folds is not None else ""
-        metrics.update(
-            {f"retrieval/{k[len(prefix) :]}": v for k, v in scores.items() if k.startswith(prefix)}
-        )
-        if folds is not None:
-            out.update(fold_size=folds, folds=n // folds, images_left_out=n - (n // folds) * folds)
-    else:
-        if image_emb is not None and split.image_labels is not None and model.has("image_head"):
-            acc = _accuracy(
-                model, "image_head", image_emb, split.image_labels, split.image_classes, protocol.name
-            )
-            metrics["classification/image/acc"] = acc
-        if text_emb is not None and split.text_labels is not None and model.has("text_head"):
-            metrics["classification/text/acc"] = _accuracy(
-                model, "text_head", text_emb, labels, split.text_classes, protocol.name
-            )
-        if not metrics:
-            raise ValueError(
-                f"protocol {protocol.name}: the model has no head for split '{split.name}' "
-                "(an image_head for image labels, a text_head for text labels)"
-            )
-    out["metrics"] = metrics
-    return out
 
 
 def _target(cls: type) -> str:
@@ -212,7 +103,7 @@ def _int(options: dict[str, str], key: str) -> int | None:
 
 def evaluate_run(run_dir: str | Path, tokens: list[str]) -> dict[str, Any]:
     """``mmfed eval``: evaluate RUN_DIR's checkpoint on a protocol, save and return the result."""
-    from mmfed.federation.run import Federation
+    from mmfed.federation.run import Federation, load_global_weights, load_run_config
 
     options, data_overrides = parse_options(tokens)
     protocol = get_protocol(options["protocol"])
@@ -222,7 +113,7 @@ def evaluate_run(run_dir: str | Path, tokens: list[str]) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{config_file} not found: RUN_DIR must be a run folder written by mmfed train"
         )
-    cfg = OmegaConf.load(config_file)
+    cfg = load_run_config(config_file)
     if "device" in options:
         cfg.device = options["device"]
     checkpoint = options.get("checkpoint", "best")
@@ -239,15 +130,7 @@ def evaluate_run(run_dir: str | Path, tokens: list[str]) -> dict[str, Any]:
     split = instantiate(source_cfg, "data").split(protocol.split)
 
     model = Federation(cfg).global_model()
-    state = load_torch(path)
-    if isinstance(state, dict) and "global" in state and "round" in state:  # last.pt holds more than weights
-        state = state["global"]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError) as error:
-        raise ValueError(
-            f"checkpoint {path} does not fit the model of {config_file}: {str(error).splitlines()[0]}"
-        ) from error
+    load_global_weights(path, model, config_file)
 
     evaluation = cfg.get("evaluation") or {}
     began = time.perf_counter()

@@ -55,7 +55,7 @@ from mmfed.models.lora import (
 )
 from mmfed.models.multimodal import KIND_PARTS, MultimodalModel, build_model
 from mmfed.protocol import Payload
-from mmfed.utils.io import load_json, load_torch, save_json
+from mmfed.utils.io import load_json, save_json
 from mmfed.utils.seeding import derive_seed, seed_torch
 
 TASK_TERMS = ("image_ce", "text_ce", "contrastive")  # the task loss of each client kind
@@ -225,13 +225,13 @@ class Personalizer:
     @classmethod
     def from_run(cls, run_dir: str | Path, settings: PersonalizeSettings) -> tuple[Personalizer, Any]:
         """Rebuild the run in `run_dir` from its config and global checkpoint; also returns its Federation."""
-        from mmfed.federation.run import Federation
+        from mmfed.federation.run import Federation, load_global_weights, load_run_config
 
         run_dir = Path(run_dir)
         config_file = run_dir / "config.yaml"
         if not config_file.exists():
             raise FileNotFoundError(f"{config_file} does not exist: is {run_dir} an mmfed run folder?")
-        cfg = OmegaConf.load(config_file)
+        cfg = load_run_config(config_file)
         if settings.device is not None:
             cfg.device = settings.device
         name = settings.checkpoint
@@ -243,8 +243,7 @@ class Personalizer:
             )
         federation = Federation(cfg)
         model = federation.global_model()
-        state = load_torch(path)
-        model.load_state_dict(state["global"] if "global" in state else state)  # last.pt | best.pt
+        load_global_weights(path, model, config_file)  # best.pt | last.pt
 
         def make_heads(parts: list[str]) -> MultimodalModel:
             return build_model(cfg.model, parts, federation.num_image_classes, federation.num_text_classes)

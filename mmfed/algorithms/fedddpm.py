@@ -58,6 +58,7 @@ from mmfed.ddpm import ClassDiffusion, DiffusionBudget, apportion, build_unet, n
 from mmfed.ddpm.sample import SAMPLERS, sample_images
 from mmfed.ddpm.train import train_diffusion
 from mmfed.protocol import TRANSPORT_DTYPES, Message, Payload, Reply, encode_tensors
+from mmfed.utils.io import save_json
 from mmfed.utils.seeding import numpy_rng, seed_torch, torch_generator
 
 log = logging.getLogger("mmfed")
@@ -221,7 +222,7 @@ class ClassDiffusionTask(ClientTask):
         entry.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
         model.save(staging)
-        (staging / REPORT_FILE).write_text(json.dumps(report) + "\n")
+        save_json(report, staging / REPORT_FILE)
         try:
             staging.rename(entry)
         except OSError:  # another process stored the same entry first

@@ -104,7 +104,7 @@ def save_layout(clients: list[ClientSpec], path: str | Path, meta: dict[str, Any
 
 
 def load_layout(path: str | Path) -> tuple[list[ClientSpec], dict[str, Any]]:
-    data = load_json(path)
+    data = load_json(path, what="partition file")
     clients = [
         ClientSpec(
             cid=c["cid"], kind=c["kind"], train_ids=tuple(c["train_ids"]), test_ids=tuple(c["test_ids"])

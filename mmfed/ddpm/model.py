@@ -22,6 +22,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from mmfed.config import check_choice, check_positive
+from mmfed.utils.io import save_json
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 META_FILE = "class_diffusion.json"
@@ -156,7 +157,7 @@ class ClassDiffusion:
         directory = Path(directory)
         self.unet.save_pretrained(directory / "unet")
         self.scheduler.save_pretrained(directory / "scheduler")
-        (directory / META_FILE).write_text(json.dumps(self.meta(), indent=2) + "\n")
+        save_json(self.meta(), directory / META_FILE)
         return directory
 
     @classmethod

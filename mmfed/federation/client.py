@@ -62,6 +62,9 @@ class LocalTraining:
         check_positive("lr", lr)
         if max_steps is not None:
             check_positive("max_steps", max_steps)
+        check_positive("weight_decay", weight_decay, strict=False)
+        if grad_clip is not None:  # 0 or null: no clipping; a negative norm would flip the gradient
+            check_positive("grad_clip", grad_clip, strict=False)
         self.local_epochs, self.batch_size, self.optimizer = local_epochs, batch_size, optimizer
         self.lr, self.weight_decay, self.grad_clip, self.max_steps = lr, weight_decay, grad_clip, max_steps
 

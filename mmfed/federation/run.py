@@ -13,7 +13,6 @@ runs/<name>/
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,12 +28,13 @@ from mmfed.config import ConfigError, instantiate, to_container
 from mmfed.data.layout import CLIENT_KINDS, ClientSpec, FederationLayout, load_layout, save_layout
 from mmfed.data.partition import Partitioner
 from mmfed.data.samples import MultimodalSplit
-from mmfed.evaluation import Evaluator
+from mmfed.evaluation import Evaluator, evaluate_protocol
 from mmfed.federation.client import ClientApp, ClientData, LocalTraining, ModelPool
 from mmfed.federation.embedded import ClientStateStore, EmbeddedEngine
+from mmfed.federation.folder import RunLock, check_run_dir
 from mmfed.federation.server import COST_PREFIX, Engine, RoundTraffic, Server, add_metrics
 from mmfed.models.multimodal import KIND_PARTS, MultimodalModel, build_model
-from mmfed.utils.io import load_torch, save_json, save_torch
+from mmfed.utils.io import CorruptFileError, dumps, load_torch, load_yaml, read_jsonl, save_json, save_torch
 from mmfed.utils.seeding import numpy_rng, seed_torch
 
 log = logging.getLogger("mmfed")
@@ -225,10 +225,9 @@ class Run:
         self.quiet = bool(cfg.quiet)
         if engine is None and cfg.engine not in ENGINES:
             raise ConfigError(f"config key 'engine': {cfg.engine!r} is not one of {', '.join(ENGINES)}")
-        self._prepare_folder()
+        check_run_dir(self.dir)  # nothing is written before every check has passed (see _claim_folder)
         self.federation = Federation(cfg)
         self.clients = self.federation.clients
-        self._check_layout()
         self.val_split = self.federation.split("val")
         self.test_split = self.federation.split("test")
         self.global_model = self.federation.global_model()
@@ -257,18 +256,33 @@ class Run:
                 factories, self.store, quiet=self.quiet, client_timeout=cfg.client_timeout
             )
         self.engine = engine
+        self._claim_folder()
 
     # ------------------------------------------------------------------ setup
-    def _prepare_folder(self) -> None:
+    def _claim_folder(self) -> None:
+        """Lock the run folder, check it under the lock, clean a killed write's temp files, then write
+        config.yaml and partition.json; the lock is held until `train` returns (or this fails)."""
+        self.lock = RunLock(self.dir).acquire()
+        try:
+            self._check_folder()
+            layout_file, meta = self._check_layout()
+            self.lock.clean()
+            (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            if layout_file is not None:
+                save_layout(self.clients, layout_file, meta)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _check_folder(self) -> None:
         config_file = self.dir / "config.yaml"
-        current = OmegaConf.to_yaml(self.cfg, resolve=True)
         if self.cfg.resume:
             if not config_file.exists():
                 raise RunError(
                     f"resume=true but {config_file} does not exist; give the name of an existing run"
                 )
-            saved = OmegaConf.load(config_file)
-            ignore = {"resume", "quiet", "rounds", "name"}  # the folder is the identity; name only names it
+            saved = load_run_config(config_file)
+            ignore = {"resume", "quiet", "rounds", "name", "run_dir"}  # the folder is the identity
             changed = [
                 k
                 for k in set(saved) | set(self.cfg)
@@ -279,26 +293,38 @@ class Run:
                     f"resume=true but config key '{sorted(changed)[0]}' differs from {config_file}; "
                     "resume with the same config (only rounds, quiet may change)"
                 )
+            last, metrics_file = self.dir / "checkpoints" / "last.pt", self.dir / "metrics.jsonl"
+            if last.exists():  # what `train` will read: damaged is an error now, before any write
+                load_checkpoint(last, RESUME_KEYS, RESUME_ADVICE)
+                if metrics_file.exists():
+                    read_metrics(metrics_file)
         elif (self.dir / "checkpoints").exists():
             raise RunError(
                 f"run folder {self.dir} already holds a run; pass resume=true to continue it or "
                 "choose another name=..."
             )
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(current)
 
-    def _check_layout(self) -> None:
+    def _check_layout(self) -> tuple[Path | None, dict[str, Any]]:
+        """(where to write partition.json, or None when the saved one matches; its meta)."""
         path = self.dir / "partition.json"
         meta = self.federation.layout_meta()
-        if path.exists():
+        if not path.exists():
+            return path, meta
+        advice = "delete it (it is recomputed from the config) or start a new run name"
+        try:
             saved, saved_meta = load_layout(path)
-            if saved != self.clients or saved_meta != meta:
-                raise RunError(
-                    f"{path} does not match the partition this config makes (a stale partition is "
-                    "never reused); start a new run name"
-                )
-        else:
-            save_layout(self.clients, path, meta)
+        except CorruptFileError as error:
+            raise CorruptFileError(f"{str(error).split('; ')[0]}; {advice}") from error
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise CorruptFileError(
+                f"partition file {path} does not hold a partition ({type(error).__name__}: {error}); {advice}"
+            ) from error
+        if saved != self.clients or saved_meta != meta:
+            raise RunError(
+                f"{path} does not match the partition this config makes (a stale partition is "
+                "never reused); start a new run name"
+            )
+        return None, meta
 
     # ------------------------------------------------------------------ rounds
     def train(self) -> dict[str, Any]:
@@ -312,7 +338,7 @@ class Run:
         last = self.dir / "checkpoints" / "last.pt"
         metrics_file = self.dir / "metrics.jsonl"
         if self.cfg.resume and last.exists():
-            checkpoint = load_torch(last)
+            checkpoint = load_checkpoint(last, RESUME_KEYS, RESUME_ADVICE)
             self.global_model.load_state_dict(checkpoint["global"])
             self.server.load_state_dict(checkpoint["server"])
             start, best, history_seconds, totals = (
@@ -322,16 +348,12 @@ class Run:
                 checkpoint["bytes"],
             )
             self.store.rollback(checkpoint["round"])
-            kept = (
-                [
-                    line
-                    for line in metrics_file.read_text().splitlines()
-                    if line.strip() and json.loads(line)["round"] <= checkpoint["round"]
-                ]
-                if metrics_file.exists()
-                else []
-            )
-            metrics_file.write_text("".join(line + "\n" for line in kept))
+            kept = [
+                record
+                for record in (read_metrics(metrics_file) if metrics_file.exists() else [])
+                if record["round"] <= checkpoint["round"]
+            ]
+            metrics_file.write_text("".join(dumps(record) + "\n" for record in kept))
             log.info("resuming %s after round %d", self.dir, checkpoint["round"])
         elif not self.cfg.resume:
             metrics_file.write_text("")
@@ -387,7 +409,7 @@ class Run:
                 best = {"round": round_, "score": score}
                 save_torch(self.global_model.state_dict(), self.dir / "checkpoints" / "best.pt")
             with metrics_file.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(dumps(record) + "\n")
             save_torch(
                 {
                     "round": round_,
@@ -420,7 +442,7 @@ class Run:
         """
         path = self.dir / "checkpoints" / "prepared.pt"
         if self.cfg.resume and path.exists():
-            saved = load_torch(path)
+            saved = load_checkpoint(path, ("server", "record"), RESUME_ADVICE)
             self.server.load_state_dict(saved["server"])
             log.info("prepare stage: reusing %s", path)
             return saved["record"]
@@ -443,13 +465,11 @@ class Run:
         """Test metrics of the model chosen on validation: the only time the test split is used."""
         best_file = self.dir / "checkpoints" / "best.pt"
         if best_file.exists():
-            self.global_model.load_state_dict(load_torch(best_file))
+            self.global_model.load_state_dict(load_checkpoint(best_file, advice=RESUME_ADVICE))
         test = self.evaluator.evaluate(self.global_model, self.test_split)
         summary: dict[str, Any] = dict(test)
         world = self.federation.world
         for name in getattr(world, "protocols", {}):  # composite data: every named test protocol
-            from mmfed.eval_protocols import evaluate_protocol
-
             heads = self.global_model.has("image_head") or self.global_model.has("text_head")
             if world.protocols[name].task != "retrieval" and not heads:
                 summary[f"test/{name}/skipped"] = (
@@ -521,10 +541,8 @@ def _with_prepare(
 def _cost_totals(metrics_file: Path) -> dict[str, float]:
     """Every ``cost/...`` metric summed over the rounds in metrics.jsonl (the run's total cost)."""
     totals: dict[str, float] = {}
-    for line in metrics_file.read_text().splitlines():
-        if not line.strip():
-            continue
-        for key, value in json.loads(line).items():
+    for record in read_metrics(metrics_file):
+        for key, value in record.items():
             if key.startswith(COST_PREFIX):
                 totals[key] = totals.get(key, 0.0) + float(value)
     return totals
@@ -540,10 +558,77 @@ def _train_means(replies: list[Any]) -> dict[str, float]:
     return {key: sum(values) / len(values) for key, values in sums.items()}
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    run = Run(cfg)
-    if cfg.engine == "flower":  # the rounds run inside Flower's simulation (its ServerApp thread)
-        from mmfed.federation.flower.simulation import simulate
+RESUME_KEYS = ("round", "global", "server", "best", "wall_seconds", "bytes")
+RESUME_ADVICE = (
+    "delete checkpoints/ and metrics.jsonl to restart this run from round 1, or start another name=..."
+)
 
-        return simulate(run)
-    return run.train()
+
+def load_checkpoint(path: Path, keys: tuple[str, ...] = (), advice: str = RESUME_ADVICE) -> Any:
+    """A checkpoint of this run; unreadable, or a dict without `keys`, is one line naming the file."""
+    checkpoint = load_torch(path, "checkpoint", advice)
+    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing or not isinstance(checkpoint, dict):
+        raise CorruptFileError(
+            f"checkpoint {path} is not a checkpoint of this run (no {missing[0] if missing else 'state'!r}); "
+            f"{advice}"
+        )
+    return checkpoint
+
+
+RUN_CONFIG_KEYS = ("seed", "data", "partition", "layout", "model", "training", "algorithm", "evaluation")
+
+
+def load_run_config(path: Path) -> DictConfig:
+    """A run folder's config.yaml; unreadable or lacking a run's keys is one line naming the file."""
+    cfg = load_yaml(path)
+    missing = [key for key in RUN_CONFIG_KEYS if key not in cfg]
+    if missing:
+        raise CorruptFileError(
+            f"config file {path} is not an mmfed run config (no key {missing[0]!r}); restore it from the "
+            "run that wrote it or start a new run name"
+        )
+    return cfg
+
+
+def load_global_weights(path: Path, model: MultimodalModel, config_file: Path) -> None:
+    """Load a run's global weights (best.pt, or last.pt's ``global``) into `model`; a damaged file or
+    one from another config is one line naming the file (`mmfed eval`, `mmfed personalize`)."""
+    advice = "pass checkpoint=last (or best), or train the run again"
+    state = load_torch(path, "checkpoint", advice)
+    if isinstance(state, dict) and "global" in state and "round" in state:  # last.pt holds more than weights
+        state = state["global"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CorruptFileError(f"checkpoint {path} does not hold model weights; {advice}")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as error:
+        why = " ".join(str(error).split())[:240]
+        raise CorruptFileError(
+            f"checkpoint {path} does not fit the model of {config_file} ({why}); "
+            "pass the checkpoint this run wrote (checkpoint=best|last)"
+        ) from error
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a damaged line is one line naming the file and the line."""
+    return read_jsonl(
+        path,
+        advice="the run's per-round log: delete or repair that line (its round then has no record), or "
+        "start another name=...",
+        check=lambda record: isinstance(record, dict) and isinstance(record.get("round"), int),
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """An embedded run (``engine=embedded``); `mmfed.federation.launch.train` chooses any engine."""
+    if cfg.engine != "embedded":
+        raise ConfigError(
+            f"config key 'engine': federation.run.train runs engine=embedded; engine={cfg.engine} runs "
+            "through mmfed.federation.launch.train (what `mmfed train` calls)"
+        )
+    run = Run(cfg)
+    try:
+        return run.train()
+    finally:
+        run.lock.release()

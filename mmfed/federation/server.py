@@ -13,17 +13,33 @@ Metrics named ``cost/...`` are one namespace, summed over steps (and, by the run
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import torch
 
 from mmfed.algorithms.base import ServerRound, ServerStep
 from mmfed.data.layout import ClientSpec
 from mmfed.data.samples import MultimodalSplit
+from mmfed.federation.embedded import ClientFailure
 from mmfed.models.multimodal import MultimodalModel
 from mmfed.protocol import Payload, Reply
 from mmfed.utils.seeding import numpy_rng
 
+log = logging.getLogger("mmfed")
 COST_PREFIX = "cost/"  # metrics named cost/... are one namespace: summed over steps, rounds and the run
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """``'name' (NaN)`` for the first floating tensor holding a NaN or an infinity, else None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                what = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+                return f"{name!r} ({what} in {int((~finite).sum())} of {tensor.numel()} values)"
+    return None
 
 
 def add_metrics(into: dict[str, float], metrics: dict[str, float], prefix: str) -> None:
@@ -80,6 +96,7 @@ class Server:
         self.global_model, self.steps, self.clients = global_model, steps, clients
         self.seed, self.clients_per_round, self.public = seed, clients_per_round, public
         self.stages = list(dict.fromkeys(step.stage for step in steps.values()))
+        self.rejected: list[ClientFailure] = []  # replies the server refused (see `checked`)
 
     def sample(self, round_: int) -> list[ClientSpec]:
         """Uniform sampling without replacement, from a stream derived from (seed, round)."""
@@ -142,9 +159,10 @@ class Server:
             for step in steps.values():
                 payload.merge(step.broadcast(context, client))
             payloads[client.cid] = payload
-        replies = engine.run_stage(stage, context.round, payloads)
+        replies = self.checked(engine.run_stage(stage, context.round, payloads), stage, context.round, engine)
         if len(replies) < min(self.min_replies or len(payloads), len(payloads)):
-            why = {f.cid: f.error for f in getattr(engine, "failures", []) if f.round == context.round}
+            known = [*getattr(engine, "failures", []), *self.rejected]
+            why = {f.cid: f.error for f in known if f.round == context.round and f.stage == stage}
             lost = "; ".join(f"{c}: {why.get(c, 'no reply')}" for c in payloads if c not in replies)
             raise RoundFailed(
                 f"round {context.round} ({stage}): {len(replies)} of {len(payloads)} clients replied, fewer "
@@ -158,6 +176,25 @@ class Server:
         for name, step in steps.items():
             add_metrics(metrics, step.aggregate(context, ordered), f"{prefix}/{name}/")
         return ordered
+
+    def checked(self, replies: dict[str, Reply], stage: str, round_: int, engine: Engine) -> dict[str, Reply]:
+        """The replies fit to aggregate: one with a NaN or infinite tensor is a client failure (recorded
+        in the engine's `failures`, so metrics.jsonl lists it) and never reaches a server step; it
+        counts against `min_replies` like a client that did not answer."""
+        kept: dict[str, Reply] = {}
+        for cid, reply in replies.items():
+            bad = first_non_finite(reply.tensors)
+            if bad is None:
+                kept[cid] = reply
+                continue
+            error = f"sent a non-finite tensor {bad} (diverged local training? lower training.lr)"
+            failure = ClientFailure(round_, stage, cid, "server check", error)
+            failures = getattr(engine, "failures", None)
+            if isinstance(failures, list):
+                failures.append(failure)
+            self.rejected.append(failure)
+            log.warning("round %d %s: client %s left out: %s", round_, stage, cid, error)
+        return kept
 
     def observe(self, round_: int, metrics: dict[str, float]) -> None:
         """After a round's evaluation, steps with an `observe(round, metrics)` hook see the validation

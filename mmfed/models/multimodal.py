@@ -59,6 +59,8 @@ class LogitScale(nn.Module):
 
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0) -> None:
         super().__init__()
+        if not 0 < init_temperature < math.inf:
+            raise ValueError(f"config key 'model.init_temperature': must be > 0, got {init_temperature!r}")
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_scale = max_scale
 
@@ -138,6 +140,17 @@ class MultimodalModel(nn.Module):
         return list(grouped)
 
 
+def check_model_config(model_cfg: Any) -> None:
+    """The model node's own numbers; a bad one is a ValueError naming the key (the CLI's one line)."""
+    embed_dim = model_cfg.get("embed_dim")
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+        raise ValueError(f"config key 'model.embed_dim': must be an integer >= 1, got {embed_dim!r}")
+    temperature = model_cfg.get("init_temperature")
+    number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not number or not 0 < temperature < math.inf:
+        raise ValueError(f"config key 'model.init_temperature': must be a number > 0, got {temperature!r}")
+
+
 def build_model(
     model_cfg: DictConfig,
     parts: Iterable[str],
@@ -154,6 +167,7 @@ def build_model(
     module (``model.fusion_module``, default iAFF) and a frozen reference tower of the *global*
     architecture (``model.image_encoder`` ...).
     """
+    check_model_config(model_cfg)
     embed_dim = int(model_cfg.embed_dim)
     encoders = {
         "image_encoder": image_encoder or model_cfg.image_encoder,

@@ -15,12 +15,20 @@ died before the JSON is never read (it is deleted once its writer is gone) and a
 never renamed into place. Several writers never share a file name (host, pid and a uuid), a reader
 that misses a key rescans the folder, and a key stored twice (two writers raced) is read from the
 first shard that has it: the teacher is frozen, so both hold the same values.
+
+Integrity: a marker stores ``checksum``, the sha256 of its keys (JSON) and of the data file's bytes,
+verified when a process first reads the shard. A shard whose data was truncated, overwritten (same-size
+random bytes, a NaN payload) or whose keys were swapped fails it: a warning names the shard file, the
+shard is set aside as ``corrupt-<name>.npy/.json`` (kept for inspection, never read again) and its
+keys are recomputed. A marker without a checksum (written before checksums) is read as before, but a
+NaN in its data is still refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -41,6 +49,9 @@ from mmfed.utils.io import atomic_write, load_json, save_json
 
 FINGERPRINT_FILE = "fingerprint.json"
 SHARD_PREFIX = "shard-"
+CORRUPT_PREFIX = "corrupt-"  # a shard that failed its checksum, set aside
+MAX_REPAIRS = 8  # a get() sets aside at most this many corrupt shards before it gives up
+log = logging.getLogger("mmfed")
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: anything larger would be stored as inf
 STALE_SECONDS = 24 * 3600.0  # an uncommitted file this old is an orphan even if its writer's pid is alive
 ComputeFn = Callable[[list[int]], torch.Tensor | np.ndarray]
@@ -101,6 +112,7 @@ class _Shard:
     seconds: float  # compute time of the entries this shard covers
     computed: int  # how many computed entries those seconds cover (a compacted shard keeps the sums)
     data: np.ndarray | None = None  # memory-mapped on first read
+    checksum: str | None = None  # sha256 of keys + data file (None: a marker written before checksums)
 
 
 class FeatureCache:
@@ -127,19 +139,33 @@ class FeatureCache:
         progress: str | None = None,
     ) -> torch.Tensor:
         """float32 [len(keys), *shape] in key order; `compute(positions)` is called, one chunk of
-        missing keys at a time, only for keys no process has committed yet."""
+        missing keys at a time, only for keys no process has committed yet (or whose shard failed
+        its checksum: that shard is set aside and its keys computed again)."""
         check_positive("chunk", chunk)
         keys = _check_keys(keys)
-        missing = self._missing(keys)
-        if missing:
-            self._scan()  # another process may have committed them since
+        computed, hits = 0, None
+        for _ in range(MAX_REPAIRS):
             missing = self._missing(keys)
-        if missing:
-            self._compute(keys, missing, compute, chunk, progress)
-        self.stats.misses += len(missing)
-        self.stats.hits += len(keys) - len(missing)
-        self.stats.saved_seconds += (len(keys) - len(missing)) * self.seconds_per_entry()
-        return torch.from_numpy(self._gather(keys))
+            if missing:
+                self._scan()  # another process may have committed them since
+                missing = self._missing(keys)
+            hits = len(keys) - len(missing) if hits is None else hits
+            if missing:
+                self._compute(keys, missing, compute, chunk, progress)
+            computed += len(missing)
+            try:
+                out = self._gather(keys)
+                break
+            except CorruptShardError as error:
+                self._set_aside(error)
+        else:
+            raise CorruptShardError(
+                self.folder, f"shards kept failing their checksum after {MAX_REPAIRS} repairs"
+            )
+        self.stats.misses += computed
+        self.stats.hits += hits or 0
+        self.stats.saved_seconds += (hits or 0) * self.seconds_per_entry()
+        return torch.from_numpy(out)
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
@@ -225,8 +251,9 @@ class FeatureCache:
             self.shape = shape
         elif shape != self.shape:
             raise ValueError(f"shard {marker} holds features of shape {shape}, the cache {self.shape}")
+        checksum = meta.get("checksum")
         shard_id = len(self._shards)
-        self._shards.append(_Shard(marker.stem, keys, seconds, computed))
+        self._shards.append(_Shard(marker.stem, keys, seconds, computed, checksum=checksum))
         self._seen.add(marker.stem)
         for row, key in enumerate(keys):
             self._index.setdefault(key, (shard_id, row))
@@ -243,16 +270,38 @@ class FeatureCache:
 
     # ---- reading ----------------------------------------------------------------------------------
     def _open(self, shard: _Shard) -> np.ndarray:
+        """The shard's data, memory-mapped; checked once against its marker (checksum, shape, NaN)."""
         if shard.data is None:
             path = self.folder / f"{shard.name}.npy"
-            data = np.load(path, mmap_mode="r")
+            if shard.checksum is not None and file_checksum(path, shard.keys) != shard.checksum:
+                raise CorruptShardError(path, "its bytes or keys do not match the checksum in its marker")
+            try:
+                data = np.load(path, mmap_mode="r")
+            except FileNotFoundError:
+                raise
+            except (ValueError, OSError, EOFError) as error:  # truncated or not a .npy file
+                raise CorruptShardError(path, f"not a readable .npy file ({error})") from error
             expected = (len(shard.keys), *(self.shape or ()))
             if data.dtype != np.float16 or data.shape != expected:
-                raise ValueError(
-                    f"{path} holds {data.dtype} {data.shape}, its marker says float16 {expected}"
+                raise CorruptShardError(
+                    path, f"holds {data.dtype} {data.shape}, its marker says float16 {expected}"
                 )
+            if shard.checksum is None and np.isnan(data).any():  # written before checksums
+                raise CorruptShardError(path, "holds NaN (never written by the cache)")
             shard.data = data
         return shard.data
+
+    def _set_aside(self, error: CorruptShardError) -> None:
+        """Rename a corrupt shard's files to ``corrupt-...`` (never read again), warn, reload the index."""
+        stem = error.path.stem
+        log.warning("feature cache: %s; set aside as corrupt-%s.* and its keys recomputed", error, stem)
+        for suffix in (".json", ".npy"):  # the marker first: a crash in between leaves no hole
+            source = self.folder / f"{stem}{suffix}"
+            try:
+                source.rename(self.folder / f"{CORRUPT_PREFIX}{stem}{suffix}")
+            except FileNotFoundError:  # another process set it aside first
+                pass
+        self._reset()
 
     def _gather(self, keys: list[str], retry: bool = True) -> np.ndarray:
         """One np.take per shard over all the rows wanted from it (no per-row Python copies)."""
@@ -324,10 +373,22 @@ class FeatureCache:
         seconds: float,
         computed: int,
     ) -> str:
-        """Data first, then the JSON marker that makes it visible; both atomic and fsync'd."""
+        """Data first, then the JSON marker that makes it visible (with the checksum of both); both
+        atomic and fsync'd."""
         name = f"{SHARD_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        atomic_write(self.folder / f"{name}.npy", write)
-        marker = {"keys": keys, "shape": list(shape), "seconds": seconds, "computed": computed}
+        digest = _keys_hash(keys)
+
+        def hashed(handle: Any) -> None:
+            write(_HashingWriter(handle, digest))
+
+        atomic_write(self.folder / f"{name}.npy", hashed)
+        marker = {
+            "keys": keys,
+            "shape": list(shape),
+            "seconds": seconds,
+            "computed": computed,
+            "checksum": digest.hexdigest(),
+        }
         save_json(marker, self.folder / f"{name}.json")
         _fsync_dir(self.folder)
         return name
@@ -358,6 +419,43 @@ class FeatureCache:
                     path.unlink()
             except FileNotFoundError:  # its writer committed or cleaned it meanwhile
                 pass
+
+
+class CorruptShardError(ValueError):
+    """A committed shard failed its checks; the message names the shard file and what is wrong."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"shard {path}: {reason}")
+        self.path = path
+
+
+class _HashingWriter:
+    """A binary file handle that also feeds every byte written to a hash."""
+
+    def __init__(self, handle: Any, digest: Any) -> None:
+        self.handle, self.digest = handle, digest
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, ... of the real handle
+        return getattr(self.handle, name)
+
+
+def _keys_hash(keys: list[str]) -> Any:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(keys, separators=(",", ":")).encode() + b"\n")
+    return digest
+
+
+def file_checksum(path: Path, keys: list[str]) -> str:
+    """sha256 of a shard's keys (JSON) followed by its data file's bytes (what `_commit` stores)."""
+    digest = _keys_hash(keys)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 _SHARD_FILE = re.compile(rf"\.?({SHARD_PREFIX}[A-Za-z0-9_]+-\d+-[0-9a-f]+)\.(?:npy|json)(?:\..*\.tmp)?")

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 from mmfed.config import check_positive, register, settings_from_overrides
 from mmfed.teacher.model import StableDiffusionTeacher, TeacherSettings, default_teacher
 from mmfed.teacher.tiny import save_sd_folder, tiny_parts, words_of, write_tokenizer
-from mmfed.utils.io import save_json
+from mmfed.utils.io import remove_dead_temp_dirs, save_json
 from mmfed.utils.seeding import derive_seed, torch_generator
 
 META_FILE = "mmfed_pretrain.json"
@@ -654,7 +654,8 @@ def pretrain(
     world = SyntheticWorld(seed=settings.world_seed, n_public=settings.n_public, n_val=settings.n_val)
     public = world.split("public")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_dead_temp_dirs(out.parent, f".{out.name}.tmp-")  # what a killed pretrain left
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         words = words_of(
             [c for row in public.captions for c in row]

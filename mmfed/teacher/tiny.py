@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import mmfed  # noqa: F401  (the torchvision guard, before diffusers/transformers)
+from mmfed.utils.io import save_json
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 DEFAULT_VOCAB = (
@@ -96,7 +97,7 @@ def write_tokenizer(folder: Path, words: Sequence[str], max_length: int) -> Any:
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = bpe_vocab(words)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
+    save_json(vocab, folder / "vocab.json")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
     tokenizer.save_pretrained(str(folder))
@@ -176,7 +177,7 @@ def save_sd_folder(folder: Path, parts: dict[str, Any]) -> None:
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    save_json(index, folder / "model_index.json")
 
 
 def _version() -> str:

@@ -19,7 +19,7 @@ import torch
 
 from mmfed.algorithms.base import Batch, ClientRound, LossTerm, Outputs
 from mmfed.cli import compose, main
-from mmfed.federation.run import train
+from mmfed.federation.launch import train
 from mmfed.models.multimodal import MultimodalModel
 from tests.federation.test_flower_simulation import _close
 

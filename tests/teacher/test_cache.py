@@ -386,3 +386,65 @@ def test_a_committed_shard_whose_data_is_gone_is_an_error_naming_it(tmp_path) ->
     data_file.unlink()
     with pytest.raises(FileNotFoundError, match=rf"committed shard data is gone: .*{data_file.name}"):
         FeatureCache(tmp_path, FINGERPRINT).get(["a"], never)
+
+
+# ---- integrity ---------------------------------------------------------------------------------------------
+def _same_size_random(path: Path) -> None:
+    size = path.stat().st_size
+    path.write_bytes(np.random.default_rng(0).bytes(size))
+
+
+def _nan_payload(path: Path) -> None:
+    data = np.load(path)
+    data[0, 0, 0] = np.nan
+    np.save(path, data)  # same size, valid .npy: only the checksum sees it
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def _swapped_keys(path: Path) -> None:
+    marker = path.with_suffix(".json")
+    meta = json.loads(marker.read_text())
+    meta["keys"][0], meta["keys"][1] = meta["keys"][1], meta["keys"][0]
+    marker.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", [_same_size_random, _nan_payload, _truncated, _swapped_keys])
+def test_a_damaged_shard_is_set_aside_naming_it_and_its_keys_recomputed(tmp_path, caplog, damage) -> None:
+    keys = ids(8)
+    FeatureCache(tmp_path, FINGERPRINT).get(keys, Teacher(keys), chunk=4)  # two shards of 4
+    cache = FeatureCache(tmp_path, FINGERPRINT)
+    damaged = shard_files(cache, ".npy")[0]
+    damage(damaged)
+    teacher = Teacher(keys)
+    with caplog.at_level("WARNING", logger="mmfed"):
+        assert torch.equal(FeatureCache(tmp_path, FINGERPRINT).get(keys, teacher, chunk=4), expected(keys))
+    assert len(teacher.computed) == 4  # exactly the damaged shard's keys
+    assert damaged.name in caplog.text and "set aside" in caplog.text
+    assert (damaged.parent / f"corrupt-{damaged.name}").exists()
+    assert torch.equal(FeatureCache(tmp_path, FINGERPRINT).get(keys, never), expected(keys))  # repaired
+
+
+def test_markers_carry_a_checksum_of_keys_and_data(tmp_path) -> None:
+    cache = FeatureCache(tmp_path, FINGERPRINT)
+    cache.get(["a", "b"], Teacher(["a", "b"]))
+    (marker,) = shard_files(cache, ".json")
+    meta = json.loads(marker.read_text())
+    assert meta["checksum"] == cache_module.file_checksum(marker.with_suffix(".npy"), ["a", "b"])
+
+
+def test_a_marker_without_checksum_is_read_but_a_nan_in_it_is_refused(tmp_path, caplog) -> None:
+    cache = FeatureCache(tmp_path, FINGERPRINT)
+    cache.get(["a", "b"], Teacher(["a", "b"]))
+    (marker,) = shard_files(cache, ".json")
+    meta = json.loads(marker.read_text())
+    del meta["checksum"]  # as written before checksums existed
+    marker.write_text(json.dumps(meta))
+    assert torch.equal(FeatureCache(tmp_path, FINGERPRINT).get(["a", "b"], never), expected(["a", "b"]))
+    _nan_payload(marker.with_suffix(".npy"))
+    teacher = Teacher(["a", "b"])
+    with caplog.at_level("WARNING", logger="mmfed"):
+        assert torch.equal(FeatureCache(tmp_path, FINGERPRINT).get(["a", "b"], teacher), expected(["a", "b"]))
+    assert teacher.computed == [0, 1] and "holds NaN" in caplog.text

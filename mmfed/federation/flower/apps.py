@@ -119,7 +119,7 @@ def run_client(message: Message, context: Context) -> Message:
 def compose_run_config(run_config: Mapping[str, Any]) -> Any:
     """The run's config from ``flwr run``'s run config: `overrides` (Hydra, space separated),
     `run-dir` (the run folder, on the SuperLink's machine) and `config-dir` (default: mmfed's)."""
-    from mmfed.cli import compose
+    from mmfed.composition import compose
 
     overrides = shlex.split(str(run_config.get("overrides", "")))
     if run_config.get("run-dir"):

@@ -1,0 +1,84 @@
+"""Config composition for every entry point (the CLI, a Flower deployment's ServerApp, tests).
+
+Lives below the CLI so that whatever composes a run config (e.g. `federation.flower.apps`) imports
+this module, not `mmfed.cli`: imports point one way (cli -> composition -> config/validation).
+Hydra composes ``configs/`` plus every component's structured config; `validation` checks what
+Hydra cannot (unknown presets, top-level keys, the settings constructors), so `mmfed config` and
+`mmfed train` reject the same inputs, with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_dir(explicit: str | None = None) -> Path:
+    for candidate in (explicit, os.environ.get("MMFED_CONFIG_DIR"), REPO_CONFIGS, Path.cwd() / "configs"):
+        if candidate and (Path(candidate) / "config.yaml").exists():
+            return Path(candidate).resolve()
+    raise FileNotFoundError("no configs/config.yaml found: pass --config-dir or set MMFED_CONFIG_DIR")
+
+
+def register_components() -> None:
+    """Import the modules whose classes register structured configs (the groups Hydra composes)."""
+    import mmfed.algorithms  # noqa: F401  (loss terms, server steps, client tasks)
+    import mmfed.data.synthetic  # noqa: F401
+    import mmfed.evaluation  # noqa: F401
+    import mmfed.federation.client  # noqa: F401
+    import mmfed.federation.flower.settings  # noqa: F401  (the `flower` group; no flwr import)
+    import mmfed.models.encoders  # noqa: F401
+    import mmfed.teacher.model  # noqa: F401  (the `teacher` group)
+
+
+def compose(overrides: list[str], config_path: str | None = None, validate: bool = True) -> DictConfig:
+    """Compose the config with overrides; unknown keys and bad values become one-line `ConfigError`s."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mmfed.config import ConfigError
+    from mmfed.validation import check_config, check_overrides
+
+    register_components()
+    folder = config_dir(config_path)
+    check_overrides(overrides, folder)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as error:
+        raise ConfigError(one_line(error)) from error
+    if validate:
+        try:
+            check_config(cfg)
+        except OmegaConfBaseException as error:  # e.g. an interpolation that does not resolve
+            raise ConfigError(one_line(error)) from error
+    return cfg
+
+
+def one_line(error: BaseException) -> str:
+    """The most specific message in the exception chain, on one line, naming the config key if known."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for item in chain:  # OmegaConf knows the full key of a bad value: say it
+        key = getattr(item, "full_key", None)
+        if isinstance(item, OmegaConfBaseException) and key and "$" not in str(item):
+            text = " ".join(str(item).split("full_key:")[0].split())
+            return f"config key '{key}': {text}"
+    for item in chain:
+        text = " ".join(str(item).split())
+        if text and "$VALUE" not in text:
+            return text.split(" Config search path:")[0]
+    return type(error).__name__

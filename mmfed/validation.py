@@ -1,0 +1,162 @@
+"""Checks of a composed run config that no single constructor owns: one line naming the key.
+
+Why here: `mmfed config` and `mmfed train` (and a Flower deployment's ServerApp) all compose through
+`mmfed.composition.compose`, which calls `check_overrides` before Hydra and `check_config` after it,
+so a config that `mmfed config` prints is one `mmfed train` accepts. Component values (a
+partitioner's alpha, the optimiser, the layout) are validated by their constructors; `check_config`
+builds the cheap ones (no data, no model weights) so their errors surface at composition too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from mmfed.config import ConfigError, instantiate
+
+ENGINES = ("embedded", "flower")
+CLIENT_KINDS = ("image", "text", "paired")
+# groups whose constructors are cheap settings (no data read, no weights loaded): built at composition
+CHEAP_GROUPS = ("partition", "layout", "training", "evaluation", "flower", "teacher")
+
+
+def presets(configs: Path) -> list[str]:
+    """The experiment presets in a config folder (``configs/experiment/<name>.yaml``)."""
+    folder = configs / "experiment"
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def check_overrides(overrides: list[str], configs: Path) -> None:
+    """Unknown experiment presets are an error listing the presets.
+
+    The defaults list says ``optional experiment: null`` (no preset is fine), and Hydra skips an
+    optional group entry it cannot find: ``experiment=bogus`` silently ran the default federation
+    and ``experiment=[smoke,bogus]`` silently dropped ``bogus``.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return  # Hydra's own composition reports a malformed override, naming it
+    known = presets(configs)
+    for override in parsed:
+        if override.key_or_group != "experiment" or override.is_delete():
+            continue
+        value = override.value()
+        names = value if isinstance(value, list) else [value]
+        for name in names:
+            if name is None or str(name) == "null":
+                continue
+            if str(name) not in known:
+                raise ConfigError(
+                    f"config key 'experiment': no preset {str(name)!r} in {configs / 'experiment'}; "
+                    f"presets: {', '.join(known)}"
+                )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(cfg: DictConfig, key: str, minimum: int | None = None, optional: bool = False) -> None:
+    value = cfg.get(key)
+    if value is None and optional:
+        return
+    if not _is_int(value):
+        raise ConfigError(f"config key '{key}': {value!r} is not an integer{' or null' if optional else ''}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"config key '{key}': must be >= {minimum}, got {value}")
+
+
+def _bool(cfg: DictConfig, key: str) -> None:
+    value = cfg.get(key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': {value!r} is not true or false")
+
+
+def check_name(name: Any) -> None:
+    """A run name names one folder under runs/: no separators, no '..' (it must not write elsewhere)."""
+    text = str(name)
+    if not text.strip() or text in (".", "..") or any(sep in text for sep in ("/", "\\", "\0")):
+        raise ConfigError(
+            f"config key 'name': {text!r} is not a plain folder name (no '/', '\\' or '..'); the run "
+            "folder is runs/<name> (give run_dir=PATH to put it elsewhere)"
+        )
+
+
+def check_run_keys(cfg: DictConfig) -> None:
+    """The top-level keys of config.yaml: types and ranges, each error naming its key."""
+    _int(cfg, "seed")
+    _int(cfg, "rounds", minimum=1)
+    _int(cfg, "clients_per_round", minimum=1, optional=True)
+    _int(cfg, "min_replies", minimum=1, optional=True)
+    for key in ("resume", "quiet"):
+        _bool(cfg, key)
+    check_name(cfg.get("name"))
+    run_dir = cfg.get("run_dir")
+    if not isinstance(run_dir, str) or not run_dir.strip():
+        raise ConfigError(f"config key 'run_dir': {run_dir!r} is not a folder path")
+    if cfg.get("engine") not in ENGINES:
+        raise ConfigError(f"config key 'engine': {cfg.get('engine')!r} is not one of {', '.join(ENGINES)}")
+    _device(cfg.get("device"))
+    timeout = cfg.get("client_timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
+    ):
+        raise ConfigError(
+            "config key 'client_timeout': client_timeout must be a number of seconds > 0 or null, "
+            f"got {timeout!r}"
+        )
+    per_kind = cfg.get("partition_by_kind") or {}
+    unknown = sorted(set(per_kind) - set(CLIENT_KINDS))
+    if unknown:
+        raise ConfigError(
+            f"config key 'partition_by_kind.{unknown[0]}': not a client kind ({', '.join(CLIENT_KINDS)})"
+        )
+
+
+def _device(name: Any) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(str(name))
+    except (RuntimeError, ValueError) as error:
+        raise ConfigError(
+            f"config key 'device': {name!r} is not a device (cpu, cuda, cuda:N, auto)"
+        ) from error
+
+
+def check_model_keys(model: Any) -> None:
+    """The `model` node's own numbers (its encoders are checked by their constructors)."""
+    from mmfed.models.multimodal import check_model_config
+
+    try:
+        check_model_config(model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def _build_cheap(cfg: DictConfig, groups: Iterable[str]) -> None:
+    for group in groups:
+        node = cfg.get(group)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            instantiate(node, group)
+    for kind, node in (cfg.get("partition_by_kind") or {}).items():
+        instantiate(node, f"partition_by_kind.{kind}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Everything that can be checked without data or weights: top-level keys, model numbers and the
+    settings groups' constructors. Raises `ConfigError` naming the first bad key."""
+    check_run_keys(cfg)
+    if cfg.get("model") is not None:
+        check_model_keys(cfg.model)
+    _build_cheap(cfg, CHEAP_GROUPS)
