@@ -161,6 +161,22 @@ def test_the_server_step_scores_images_against_the_right_global_modality(
     assert torch.allclose(target, expected, atol=1e-6)
 
 
+def test_the_step_scores_with_the_published_rule_by_default(monkeypatch) -> None:
+    # Image anchor e1, e2. Client A = (e1, e2); client B maps both rows to b = (1, 1)/sqrt(2).
+    # Row 0: s_A = 1 - log(e + 1); s_B = c - log(2 e^c) = -log 2 (c = 1/sqrt(2)): w_A = sigmoid(s_A - s_B)
+    # = 0.5938, where the paired cosine would give sigmoid(1 - c) = 0.5727.
+    e1, e2, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]) / math.sqrt(2)
+    sample = {GLOBAL_IMAGE: torch.stack([e1, e2]), GLOBAL_TEXT: torch.stack([e1, e2])}
+    replies = [
+        Reply(cid="image-0", kind="image", tensors={REPR_IMAGE: torch.stack([e1, e2])}),
+        Reply(cid="image-1", kind="image", tensors={REPR_IMAGE: torch.stack([b, b])}),
+    ]
+    target = _step_targets(monkeypatch, "similarity", sample, replies)["image"]
+    w_a = 1 / (1 + math.exp(-(1 - math.log(E + 1) + math.log(2))))
+    assert math.isclose(w_a, 0.5938, abs_tol=1e-4)
+    assert torch.allclose(target[0], w_a * e1 + (1 - w_a) * b, atol=1e-6)
+
+
 def test_paired_clients_count_once_per_modality_and_unimodal_ones_only_in_theirs(monkeypatch) -> None:
     n, d = 4, 3
     sample = {GLOBAL_IMAGE: torch.zeros(n, d), GLOBAL_TEXT: torch.zeros(n, d)}
