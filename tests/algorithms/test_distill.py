@@ -97,6 +97,20 @@ def test_large_logits_do_not_overflow(unit: bool, temperature: float, scale: flo
     assert np.abs(weights.double().numpy() - expected).max() < 1e-3
 
 
+def test_rows_whose_bound_is_loose_fall_back_to_a_max_shifted_log_sum_exp() -> None:
+    # One global feature of norm 1000 along e1, the others small; client rows lie along e2, so their
+    # Cauchy-Schwarz bound (1000) is far above their largest logit: the shifted sum underflows to 0.
+    gen = torch.Generator().manual_seed(2)
+    anchor = torch.randn(40, 4, generator=gen)
+    anchor[0] = torch.tensor([1000.0, 0.0, 0.0, 0.0])
+    reps = [torch.randn(40, 4, generator=gen) * torch.tensor([0.0, 1.0, 1.0, 1.0]) for _ in range(2)]
+    scores = contrastive_scores(reps[0], anchor, unit=False)
+    assert torch.isfinite(scores).all()
+    _, expected = numpy_ensemble(reps, anchor, unit=False)
+    _, weights = aggregate(reps, anchor, unit_features=False)
+    assert np.abs(weights.double().numpy() - expected).max() < 1e-5
+
+
 def test_the_chunked_path_never_builds_an_n_by_n_block(monkeypatch) -> None:
     shapes: list[tuple[int, ...]] = []
     original = distill.row_logits
