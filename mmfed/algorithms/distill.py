@@ -41,6 +41,12 @@ per client and takes exp of raw logits (out of memory at 50k rows, CreamFL issue
 large logits). Here the scores are computed chunk by chunk of rows: a [chunk, N] block of logits at a
 time, its log-sum-exp shifted by a per-row bound from Cauchy-Schwarz (||r_i|| max_j ||a_j|| / T)
 so no exp overflows; memory O(chunk x N + N x D), never N x N.
+Departures by construction of mmfed's server loop (no option): the reference trains the global model
+contrastively on the public data in a pass of its own at the start of each round, then computes g,
+and distills only the kd term after aggregation; here g is the global model as the round starts and
+the contrastive loss is trained together with the distillation after aggregation. CreamFL's
+reference adds the image and text kd terms a second time when paired clients take part (an
+effective kd weight of 0.6); each modality's term is counted once here.
 """
 
 from __future__ import annotations
