@@ -29,6 +29,7 @@ REPR_TEXT = "repr/text"  # reply [N, D]
 
 # ids list[str] (stable sample ids) | images uint8 [B,3,H,W] | captions list[str] | caption_index int64 [B]
 # | image_labels / text_labels int64 [B] | public_positions int64 [P] (rows of the round's public sample)
+# | public_images uint8 [P,3,H,W] / public_captions list[str] (those rows' inputs, per modality the model has)
 Batch = dict[str, Any]
 Outputs = dict[str, torch.Tensor]  # image_emb / text_emb [B, D]; public_image_emb / public_text_emb [P, D]
 

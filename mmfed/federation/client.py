@@ -284,9 +284,11 @@ class ClientApp:
                     )
                     batch["public_positions"] = positions  # rows of this round's public sample
                     if model.has("image_encoder"):
-                        out["public_image_emb"] = model.encode_images(public.images(positions), fuse=False)
+                        batch["public_images"] = public.images(positions)
+                        out["public_image_emb"] = model.encode_images(batch["public_images"], fuse=False)
                     if model.has("text_encoder"):
-                        out["public_text_emb"] = model.encode_texts(public.texts(positions), fuse=False)
+                        batch["public_captions"] = public.texts(positions)
+                        out["public_text_emb"] = model.encode_texts(batch["public_captions"], fuse=False)
                 losses: dict[str, torch.Tensor] = {}
                 for term in terms.values():
                     for name, value in term(batch, out, model).items():
