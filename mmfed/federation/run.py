@@ -33,6 +33,7 @@ from mmfed.evaluation import Evaluator
 from mmfed.federation.client import ClientApp, ClientData, LocalTraining, ModelPool
 from mmfed.federation.embedded import ClientStateStore, EmbeddedEngine
 from mmfed.federation.server import COST_PREFIX, Engine, RoundTraffic, Server, add_metrics
+from mmfed.loggers import open_loggers
 from mmfed.models.multimodal import KIND_PARTS, MultimodalModel, build_model
 from mmfed.utils.io import load_torch, save_json, save_torch
 from mmfed.utils.seeding import numpy_rng, seed_torch
@@ -339,6 +340,7 @@ class Run:
             self.store.rollback(0)
             metrics_file.write_text("")
 
+        loggers = open_loggers(self.cfg, self.dir, start)  # logger=tensorboard|wandb (mmfed/loggers.py)
         prepared = self._prepare() if self.server.prepares and start == 1 else None
         if prepared is not None:
             history_seconds += prepared["seconds"]
@@ -388,6 +390,7 @@ class Run:
                 save_torch(self.global_model.state_dict(), self.dir / "checkpoints" / "best.pt")
             with metrics_file.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            loggers.log(record, round_)
             save_torch(
                 {
                     "round": round_,
@@ -409,6 +412,7 @@ class Run:
                 score,
                 seconds,
             )
+        loggers.close()
         return self.finish(rounds, best, history_seconds, totals)
 
     def _prepare(self) -> dict[str, Any]:
