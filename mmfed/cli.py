@@ -74,6 +74,10 @@ def _one_line(error: BaseException) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.multirun:  # every combination of the swept overrides, each in its own run folder
+        from mmfed.sweep import run_sweep
+
+        return run_sweep(args.overrides, args.config_dir)
     from mmfed.federation.run import train
 
     cfg = compose(args.overrides, args.config_dir)
@@ -157,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="run a federation: mmfed train [key=value ...]")
     train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rounds=5 partition.alpha=0.1")
+    train.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="sweep: seed=0,1,2 algorithm=fedavg,fedprox",
+    )
     train.set_defaults(run=_train)
     show = commands.add_parser("config", help="print the composed config for these overrides")
     show.add_argument("overrides", nargs="*")
