@@ -198,7 +198,7 @@ class Federation:
         test = train.subset(_rows(train, spec.test_ids, spec.cid), name=f"{spec.cid}-test")
         return ClientApp(
             spec,
-            ClientData(split, spec.kind),
+            ClientData(split, spec.kind, spec.missing_image, spec.missing_text),
             self.pool,
             self.cfg.algorithm.loss_terms,
             self.training,
