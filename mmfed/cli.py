@@ -44,12 +44,27 @@ def compose(overrides: list[str], config_path: str | None = None) -> DictConfig:
     import mmfed.teacher.model  # noqa: F401  (the `teacher` group)
     from mmfed.config import ConfigError
 
+    import_plugins()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir(config_path)), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=overrides)
     except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as error:
         raise ConfigError(_one_line(error)) from error
+
+
+def import_plugins() -> None:
+    """Import the modules named in MMFED_PLUGINS (comma-separated), so that the loss terms and server
+    steps they ``register`` can be chosen by name (see examples/my_method)."""
+    import importlib
+
+    from mmfed.config import ConfigError
+
+    for module in filter(None, (m.strip() for m in os.environ.get("MMFED_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(f"MMFED_PLUGINS: cannot import {module!r} ({error}); on PYTHONPATH?") from error
 
 
 def _one_line(error: BaseException) -> str:
