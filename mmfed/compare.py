@@ -209,6 +209,7 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from mmfed.report import read_metrics
 
@@ -240,6 +241,7 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
             drawn = True
         if drawn:
             ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(metric)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)

@@ -7,7 +7,8 @@ are trained one after another in this process. A run that fails (a bad value in 
 an error while training) is recorded with its one-line error (the traceback in its folder's
 ``error.txt``) and the sweep goes on. ``<sweep_dir>/sweep.json`` (rewritten after every run, so an
 interrupted sweep keeps its record) lists every run's overrides, status, time and test score, plus
-the `mmfed compare` table of the finished runs, which is also printed. Exit code 0 when every run
+the `mmfed compare` table of the finished runs, which is also printed (curves and compare.json
+in ``<sweep_dir>/compare``). Exit code 0 when every run
 finished, 1 when some failed.
 """
 
@@ -54,7 +55,7 @@ def folder_name(index: int, swept: list[str]) -> str:
 
 def run_sweep(overrides: list[str], config_path: str | None = None) -> int:
     from mmfed.cli import _one_line, compose
-    from mmfed.compare import compare_runs, format_table
+    from mmfed.compare import compare, format_table
     from mmfed.federation.run import train
 
     fixed, combos, swept = expand(overrides)
@@ -90,7 +91,7 @@ def run_sweep(overrides: list[str], config_path: str | None = None) -> int:
     finished = [e["run_dir"] for e in record["runs"] if e["status"] == "ok"]
     print(format_status(record))
     if finished:
-        comparison = compare_runs(finished)
+        comparison, _ = compare(finished, sweep_dir / "compare")  # table, compare.json, curves
         record["compare"] = comparison
         save_json(record, record_file)
         print(format_table(comparison))
