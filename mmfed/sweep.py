@@ -2,7 +2,7 @@
 
 Hydra's override grammar (``a=1,2``, ``range(0,3)``, ``choice(...)``) is expanded by Hydra's basic
 sweeper into the cartesian product, in command-line order. Run i goes to
-``<sweep_dir>/<ii>_<its swept overrides>`` (``sweep_dir`` defaults to ``runs/sweep-<time>``); runs
+``<sweep_dir>/<ii>_<its swept overrides>`` (``sweep_dir`` null: ``runs/sweep-<time>``); runs
 are trained one after another in this process. A run that fails (a bad value in one combination,
 an error while training) is recorded with its one-line error (the traceback in its folder's
 ``error.txt``) and the sweep goes on. ``<sweep_dir>/sweep.json`` (rewritten after every run, so an
@@ -60,7 +60,8 @@ def run_sweep(overrides: list[str], config_path: str | None = None) -> int:
 
     fixed, combos, swept = expand(overrides)
     base = compose(fixed, config_path)  # bad fixed overrides stop here, before any run
-    sweep_dir = Path(str(base.sweep_dir))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    sweep_dir = Path(str(base.sweep_dir)) if base.sweep_dir else Path("runs") / f"sweep-{stamp}"
     record_file = sweep_dir / "sweep.json"
     if record_file.exists() and not base.resume:
         raise ConfigError(
@@ -76,7 +77,8 @@ def run_sweep(overrides: list[str], config_path: str | None = None) -> int:
         print(f"sweep run {index + 1}/{len(combos)}: {' '.join(items) or '(no swept keys)'}", flush=True)
         began = time.perf_counter()
         try:
-            cfg = compose([*combo, f"run_dir='{folder}'", f"name='{folder.name}'"], config_path)
+            placed = [f"run_dir='{folder}'", f"name='{folder.name}'", f"sweep_dir='{sweep_dir}'"]
+            cfg = compose([*combo, *placed], config_path)  # sweep_dir recorded: a resumed sweep matches
             summary = train(cfg)
             metric = summary.get("selection_metric")
             entry.update(status="ok", selection_metric=metric, test=summary.get(metric))

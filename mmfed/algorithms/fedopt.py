@@ -17,16 +17,19 @@ weights is the pseudo-gradient, which a server optimizer applies:
 Code name -> paper symbol: `eta` = eta (server lr), `beta_1`, `beta_2`, `tau` (adaptivity),
 `v_init` = v_{-1} (the paper asks v_{-1} >= tau^2; default tau^2), FedAvgM's `server_learning_rate`
 = eta and `server_momentum` = beta (Flower's names). The client learning rate eta_l is
-`training.lr` (clients run the same local SGD as under FedAvg). m_{-1} = 0.
+`training.lr`; clients train exactly as under FedAvg (`training.optimizer`, AdamW by default; the
+paper's clients run plain SGD). m_{-1} = 0.
 
 The optimizer runs on every weight-averaged part, per part: a part that no sampled client trained
 this round (e.g. the text head in a round with no text client) keeps its weights and its moments;
 its moments do not decay. Only parameters are optimised; float buffers (batch-norm statistics)
 take FedAvg's average, as they are statistics, not weights (the paper is silent).
 
-Defaults: beta_1 = 0.9, beta_2 = 0.99 as in the paper's experiments (FedAdagrad: beta_1 = 0, as
-its experiments and Flower); eta and tau as Flower 1.41's strategies (FedAdam eta 0.1, FedYogi
-eta 0.01, FedAdagrad eta 0.1, tau 1e-3). FedAvgM: momentum 0.9 (the paper), lr 1.0 (Flower).
+Defaults: Flower 1.41's strategies (read in its source, flwr/serverapp/strategy/): FedAdam
+eta 0.1, beta_1 0.9, beta_2 0.99, tau 1e-3; FedYogi eta 0.01, same betas and tau; FedAdagrad eta
+0.1, tau 1e-3 and no momentum (beta_1 = 0; Algorithm 2 allows beta_1 > 0). FedAvgM: lr 1.0 as
+Flower, momentum 0.9 (Flower's 0.0 would make it plain FedAvg; 0.9 is the usual heavy-ball value).
+The paper tunes eta and tau per task on a grid: on a new task sweep eta (`mmfed train -m`).
 
 Named options, off by default (departures from the paper):
 - `bias_correction=true` (FedAdam): Flower's / Adam's step size eta sqrt(1 - beta_2^t) / (1 - beta_1^t).

@@ -143,3 +143,21 @@ def test_builds_from_config_and_rejects_bad_values(cls: type) -> None:
     bad = {"server_momentum": 1.0} if cls is FedAvgM else {"beta_1": 1.0}
     with pytest.raises(ValueError, match="must be in"):
         cls(**bad)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_with_the_saved_moments(tmp_path) -> None:
+    import json
+
+    from mmfed.cli import main
+
+    base = ["train", "experiment=smoke", "algorithm=fedyogi", "quiet=true"]
+    assert main([*base, f"run_dir={tmp_path / 'whole'}", "rounds=3"]) == 0
+    assert main([*base, f"run_dir={tmp_path / 'cut'}", "rounds=2"]) == 0
+    assert main([*base, f"run_dir={tmp_path / 'cut'}", "rounds=3", "resume=true"]) == 0
+
+    def last(name: str) -> dict:
+        record = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+        return {k: v for k, v in record.items() if k.startswith(("val/", "server/"))}
+
+    assert last("cut") == last("whole")  # without the moments round 3 would differ
