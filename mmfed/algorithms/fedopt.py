@@ -170,7 +170,8 @@ class AdaptiveServerOptimizer(ServerOptimizer):
         self.second_moment(v, delta * delta)  # v_t
         eta = self.eta
         if self.bias_correction:  # Flower's FedAdam step size (Kingma & Ba's alpha_t)
-            t = self.steps
+            steps = self._moment(key, "t", torch.zeros((), dtype=torch.float64))
+            t = float(steps.add_(1))  # steps this tensor took (a part skips rounds nobody trained it)
             eta = eta * math.sqrt(1.0 - self.beta_2**t) / (1.0 - self.beta_1**t)
         return x + eta * m / (v.sqrt() + self.tau)
 

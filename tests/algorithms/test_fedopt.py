@@ -105,10 +105,13 @@ def test_fedavgm_without_momentum_at_lr_1_is_fedavg() -> None:
 
 
 def test_bias_correction_is_flowers_step_size() -> None:
-    x1, _ = _two_rounds(FedAdam(eta=0.1, tau=1e-3, v_init=0.0, bias_correction=True))
+    x1, x2 = _two_rounds(FedAdam(eta=0.1, tau=1e-3, v_init=0.0, bias_correction=True))
     eta_1 = 0.1 * math.sqrt(1 - 0.99) / (1 - 0.9)  # t = 1
     m, v = 0.1 * 1.0, 0.01 * 1.0
     assert x1[0] == pytest.approx(0.5 + eta_1 * m / (math.sqrt(v) + 1e-3), abs=1e-6)
+    eta_2 = 0.1 * math.sqrt(1 - 0.99**2) / (1 - 0.9**2)  # t = 2; Delta_2 = -0.5
+    m, v = 0.9 * 0.1 + 0.1 * -0.5, 0.99 * 0.01 + 0.01 * 0.25
+    assert x2[0] == pytest.approx(x1[0] + eta_2 * m / (math.sqrt(v) + 1e-3), abs=1e-6)
 
 
 def test_untrained_parts_keep_weights_and_moments_and_state_resumes() -> None:
