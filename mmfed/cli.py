@@ -20,6 +20,10 @@ from mmfed.composition import one_line as _one_line
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.multirun:  # every combination of the swept overrides, each in its own run folder
+        from mmfed.sweep import run_sweep
+
+        return run_sweep(args.overrides, args.config_dir)
     from mmfed.federation.launch import train
 
     cfg = compose(args.overrides, args.config_dir)
@@ -76,6 +80,18 @@ def _teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from mmfed.compare import compare, format_table
+
+    def patterns(text: str | None) -> list[str] | None:
+        return [p for p in text.split(",") if p] if text else None
+
+    result, out = compare(args.runs, args.out, patterns(args.metrics), patterns(args.curves))
+    print(format_table(result))
+    print(f"saved {out / 'compare.json'}, {out / 'compare.md'} and {len(result['plots'])} curves in {out}")
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -91,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="run a federation: mmfed train [key=value ...]")
     train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rounds=5 partition.alpha=0.1")
+    train.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="sweep: seed=0,1,2 algorithm=fedavg,fedprox",
+    )
     train.set_defaults(run=_train)
     show = commands.add_parser("config", help="print the composed config for these overrides")
     show.add_argument("overrides", nargs="*")
@@ -98,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="(re)draw a run's plots and print its summary")
     report.add_argument("run_dir")
     report.set_defaults(run=_report)
+    comparison = commands.add_parser(
+        "compare", help="final metrics of runs (or sweep folders), grouped by differing config keys"
+    )
+    comparison.add_argument("runs", nargs="+", help="run folders and/or sweep folders")
+    comparison.add_argument("--out", default=None, help="output folder (default: SWEEP/compare or ./compare)")
+    comparison.add_argument("--metrics", default=None, help="final metrics, comma-separated globs")
+    comparison.add_argument("--curves", default=None, help="per-round metrics to plot (globs)")
+    comparison.set_defaults(run=_compare)
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint on a protocol (coco-1k, ...)")
     evaluate.add_argument("run_dir")
     evaluate.add_argument(

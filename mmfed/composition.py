@@ -34,6 +34,22 @@ def register_components() -> None:
     import mmfed.models.encoders  # noqa: F401
     import mmfed.teacher.model  # noqa: F401  (the `teacher` group)
 
+    import_plugins()
+
+
+def import_plugins() -> None:
+    """Import the modules named in MMFED_PLUGINS (comma-separated), so that the loss terms and server
+    steps they ``register`` can be chosen by name (see examples/my_method)."""
+    import importlib
+
+    from mmfed.config import ConfigError
+
+    for module in filter(None, (m.strip() for m in os.environ.get("MMFED_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(f"MMFED_PLUGINS: cannot import {module!r} ({error}); on PYTHONPATH?") from error
+
 
 def compose(overrides: list[str], config_path: str | None = None, validate: bool = True) -> DictConfig:
     """Compose the config with overrides; unknown keys and bad values become one-line `ConfigError`s."""

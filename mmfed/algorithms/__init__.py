@@ -10,6 +10,7 @@ from mmfed.algorithms import (  # noqa: F401  (registration)
     fedavg,
     fedddpm,
     feddifrc,
+    fedopt,
     moon,
     prox,
     semanticfl,

@@ -6,6 +6,13 @@ to their client counts, then each kind's pool is partitioned over its clients by
 share is finally split into its local train and local test ids (the local test split is held out
 from the client's own distribution, for personalization). Everything is keyed by stable sample
 ids and saved with the run, so a partition can be checked and never silently reused when stale.
+
+Missing modalities (as FedMultimodal, Feng et al. KDD 2023, simulates them): with
+``layout.missing_image=p`` / ``missing_text=q`` a paired client's training samples lack their image
+with rate p and their text with rate q (disjoint draws: no sample lacks both, so p + q <= 1),
+drawn per client after the partition from the layout's stream (the partition itself does not
+change) and saved with it (`ClientSpec.missing_image` / `missing_text`). The client trains on
+whatever each sample has (`federation.client.ClientData`); local test samples stay complete.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ class ClientSpec:
     kind: str
     train_ids: tuple[str, ...]
     test_ids: tuple[str, ...] = ()
+    missing_image: tuple[str, ...] = ()  # paired clients: training ids whose image is missing
+    missing_text: tuple[str, ...] = ()  # ... and whose captions are missing
 
     @property
     def num_examples(self) -> int:
@@ -44,7 +53,13 @@ class FederationLayout:
     """How many clients of each kind, and how much of each client's share is its local test split."""
 
     def __init__(
-        self, image: int = 3, text: int = 3, paired: int = 3, local_test_fraction: float = 0.1
+        self,
+        image: int = 3,
+        text: int = 3,
+        paired: int = 3,
+        local_test_fraction: float = 0.1,
+        missing_image: float = 0.0,
+        missing_text: float = 0.0,
     ) -> None:
         for name, count in (("image", image), ("text", text), ("paired", paired)):
             check_positive(f"layout.{name}", count, strict=False)
@@ -52,8 +67,17 @@ class FederationLayout:
             raise ValueError("layout: at least one client is needed (image + text + paired = 0)")
         if not 0.0 <= local_test_fraction < 1.0:
             raise ValueError(f"layout.local_test_fraction must be in [0, 1), got {local_test_fraction}")
+        for name, rate in (("missing_image", missing_image), ("missing_text", missing_text)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"layout.{name} must be in [0, 1], got {rate}")
+        if missing_image + missing_text > 1.0:
+            raise ValueError(
+                f"layout.missing_image + layout.missing_text must be <= 1 (a sample keeps at least one "
+                f"modality), got {missing_image} + {missing_text}"
+            )
         self.counts = {"image": image, "text": text, "paired": paired}
         self.local_test_fraction = local_test_fraction
+        self.missing_image, self.missing_text = missing_image, missing_text
 
     def build(
         self, train: MultimodalSplit, partitioner: Partitioner, rng: np.random.Generator
@@ -79,7 +103,25 @@ class FederationLayout:
                         test_ids=tuple(train.ids[i] for i in test_rows),
                     )
                 )
-        return clients
+        return self._drop_modalities(clients, rng)
+
+    def _drop_modalities(self, clients: list[ClientSpec], rng: np.random.Generator) -> list[ClientSpec]:
+        """Paired clients' missing images / texts, drawn after the partition (which stays as it is)."""
+        if not (self.missing_image or self.missing_text):
+            return clients
+        out = []
+        for client in clients:
+            if client.kind == "paired":
+                ids = np.array(client.train_ids, dtype=object)[rng.permutation(client.num_examples)]
+                n_image = int(round(self.missing_image * len(ids)))
+                n_text = min(int(round(self.missing_text * len(ids))), len(ids) - n_image)
+                client = dataclasses.replace(
+                    client,
+                    missing_image=tuple(sorted(ids[:n_image])),
+                    missing_text=tuple(sorted(ids[n_image : n_image + n_text])),
+                )
+            out.append(client)
+        return out
 
     @staticmethod
     def _labels(train: MultimodalSplit, kind: str) -> np.ndarray:
@@ -107,7 +149,12 @@ def load_layout(path: str | Path) -> tuple[list[ClientSpec], dict[str, Any]]:
     data = load_json(path, what="partition file")
     clients = [
         ClientSpec(
-            cid=c["cid"], kind=c["kind"], train_ids=tuple(c["train_ids"]), test_ids=tuple(c["test_ids"])
+            cid=c["cid"],
+            kind=c["kind"],
+            train_ids=tuple(c["train_ids"]),
+            test_ids=tuple(c["test_ids"]),
+            missing_image=tuple(c.get("missing_image", ())),
+            missing_text=tuple(c.get("missing_text", ())),
         )
         for c in data["clients"]
     ]

@@ -80,34 +80,79 @@ class ClientData:
     row's captions, drawn anew each epoch, with the row's text label; paired clients (image, one of
     its captions). Drawing one caption per row keeps an epoch's cost equal across kinds while every
     caption is still seen over the rounds.
+
+    Missing modalities (paired clients, `layout.missing_image` / `missing_text`): a batch's complete
+    rows form the batch as usual (every loss term sees aligned pairs); its rows without text come
+    as ``extra_images`` (+ ``extra_image_ids``), those without an image as ``extra_captions``
+    (+ ``extra_caption_index``, ``extra_text_ids``), which the trainer encodes into
+    ``extra_image_emb`` / ``extra_text_emb`` and the contrastive loss uses as further negatives.
+    A batch without one complete pair is skipped (with no positive, InfoNCE has no gradient).
     """
 
-    def __init__(self, split: MultimodalSplit, kind: str) -> None:
+    def __init__(
+        self,
+        split: MultimodalSplit,
+        kind: str,
+        missing_image: tuple[str, ...] = (),
+        missing_text: tuple[str, ...] = (),
+    ) -> None:
         self.split, self.kind = split, kind
+        self.no_image, self.no_text = self._mask(missing_image), self._mask(missing_text)
+
+    def _mask(self, ids: tuple[str, ...]) -> np.ndarray | None:
+        if not ids:
+            return None
+        row = {sample_id: i for i, sample_id in enumerate(self.split.ids)}
+        unknown = [i for i in ids if i not in row]
+        if unknown:
+            raise ValueError(f"client {self.split.name}: missing-modality id {unknown[0]!r} not in its data")
+        mask = np.zeros(len(self.split), dtype=bool)
+        mask[[row[i] for i in ids]] = True
+        return mask
 
     def __len__(self) -> int:
         return len(self.split)
 
+    def _rows(self, idx: np.ndarray, rng: np.random.Generator, images: bool, texts: bool) -> Batch:
+        split, rows = self.split, torch.from_numpy(idx)
+        batch: Batch = {"ids": [split.ids[i] for i in idx]}  # stable ids: teacher caches key on them
+        if images:
+            batch["images"] = split.images[rows]  # uint8 [B, 3, H, W]
+            if split.image_labels is not None:
+                batch["image_labels"] = split.image_labels[rows]
+        if texts:
+            which = [int(rng.integers(len(split.captions[i]))) for i in idx]
+            batch["caption_index"] = torch.tensor(which, dtype=torch.int64)  # which caption of each row
+            batch["captions"] = [split.captions[i][c] for i, c in zip(idx, which, strict=True)]
+            if split.text_labels is not None:
+                batch["text_labels"] = split.text_labels[rows]
+        return batch
+
     def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[Batch]:
-        split = self.split
-        order = rng.permutation(len(split))
+        order = rng.permutation(len(self.split))
         starts = list(range(0, len(order), batch_size))
         if len(starts) > 1 and len(order) - starts[-1] == 1:
             starts.pop()  # a trailing batch of one joins the previous one (batch norm needs two samples)
+        images, texts = self.kind in ("image", "paired"), self.kind in ("text", "paired")
+        partial = images and texts and (self.no_image is not None or self.no_text is not None)
         for start, stop in zip(starts, [*starts[1:], len(order)], strict=True):
             idx = order[start:stop]
-            rows = torch.from_numpy(idx)
-            batch: Batch = {"ids": [split.ids[i] for i in idx]}  # stable ids: teacher caches key on them
-            if self.kind in ("image", "paired"):
-                batch["images"] = split.images[rows]  # uint8 [B, 3, H, W]
-                if split.image_labels is not None:
-                    batch["image_labels"] = split.image_labels[rows]
-            if self.kind in ("text", "paired"):
-                which = [int(rng.integers(len(split.captions[i]))) for i in idx]
-                batch["caption_index"] = torch.tensor(which, dtype=torch.int64)  # which caption of each row
-                batch["captions"] = [split.captions[i][c] for i, c in zip(idx, which, strict=True)]
-                if split.text_labels is not None:
-                    batch["text_labels"] = split.text_labels[rows]
+            if not partial:
+                yield self._rows(idx, rng, images, texts)
+                continue
+            no_image = self.no_image[idx] if self.no_image is not None else np.zeros(len(idx), dtype=bool)
+            no_text = self.no_text[idx] if self.no_text is not None else np.zeros(len(idx), dtype=bool)
+            complete = idx[~(no_image | no_text)]
+            if len(complete) == 0:
+                continue
+            batch = self._rows(complete, rng, True, True)
+            if no_text.any():
+                extra = self._rows(idx[no_text], rng, True, False)
+                batch["extra_images"], batch["extra_image_ids"] = extra["images"], extra["ids"]
+            if no_image.any():
+                extra = self._rows(idx[no_image], rng, False, True)
+                batch["extra_captions"], batch["extra_text_ids"] = extra["captions"], extra["ids"]
+                batch["extra_caption_index"] = extra["caption_index"]
             yield batch
 
 
@@ -278,6 +323,10 @@ class ClientApp:
                     out["image_emb"] = model.encode_images(batch["images"])  # [B, D]
                 if "captions" in batch:
                     out["text_emb"] = model.encode_texts(batch["captions"])  # [B, D]
+                if "extra_images" in batch:  # a paired client's rows without text (missing modalities)
+                    out["extra_image_emb"] = model.encode_images(batch["extra_images"])  # [B_i, D]
+                if "extra_captions" in batch:  # ... and without an image
+                    out["extra_text_emb"] = model.encode_texts(batch["extra_captions"])  # [B_t, D]
                 if public is not None:
                     positions = torch.from_numpy(
                         rng.choice(public.size, min(public.size, training.batch_size), replace=False)

@@ -33,6 +33,7 @@ from mmfed.federation.client import ClientApp, ClientData, LocalTraining, ModelP
 from mmfed.federation.embedded import ClientStateStore, EmbeddedEngine
 from mmfed.federation.folder import RunLock, check_run_dir
 from mmfed.federation.server import COST_PREFIX, Engine, RoundTraffic, Server, add_metrics
+from mmfed.loggers import open_loggers
 from mmfed.models.multimodal import KIND_PARTS, MultimodalModel, build_model
 from mmfed.utils.io import CorruptFileError, dumps, load_torch, load_yaml, read_jsonl, save_json, save_torch
 from mmfed.utils.seeding import numpy_rng, seed_torch
@@ -197,7 +198,7 @@ class Federation:
         test = train.subset(_rows(train, spec.test_ids, spec.cid), name=f"{spec.cid}-test")
         return ClientApp(
             spec,
-            ClientData(split, spec.kind),
+            ClientData(split, spec.kind, spec.missing_image, spec.missing_text),
             self.pool,
             self.cfg.algorithm.loss_terms,
             self.training,
@@ -282,7 +283,8 @@ class Run:
                     f"resume=true but {config_file} does not exist; give the name of an existing run"
                 )
             saved = load_run_config(config_file)
-            ignore = {"resume", "quiet", "rounds", "name", "run_dir"}  # the folder is the identity
+            # the folder is the identity; these only say where output goes
+            ignore = {"resume", "quiet", "rounds", "name", "run_dir", "logger", "wandb_project", "sweep_dir"}
             changed = [
                 k
                 for k in set(saved) | set(self.cfg)
@@ -361,6 +363,7 @@ class Run:
             self.store.rollback(0)
             metrics_file.write_text("")
 
+        loggers = open_loggers(self.cfg, self.dir, start)  # logger=tensorboard|wandb (mmfed/loggers.py)
         prepared = self._prepare() if self.server.prepares and start == 1 else None
         if prepared is not None:
             history_seconds += prepared["seconds"]
@@ -410,6 +413,7 @@ class Run:
                 save_torch(self.global_model.state_dict(), self.dir / "checkpoints" / "best.pt")
             with metrics_file.open("a") as handle:
                 handle.write(dumps(record) + "\n")
+            loggers.log(record, round_)
             save_torch(
                 {
                     "round": round_,
@@ -431,6 +435,7 @@ class Run:
                 score,
                 seconds,
             )
+        loggers.close()
         return self.finish(rounds, best, history_seconds, totals)
 
     def _prepare(self) -> dict[str, Any]:

@@ -140,6 +140,8 @@ class CompositeSource:
             only = FederationLayout(
                 **{k: count if k == kind else 0 for k in CLIENT_KINDS},
                 local_test_fraction=layout.local_test_fraction,
+                missing_image=layout.missing_image,
+                missing_text=layout.missing_text,
             )
             clients += only.build(self.train_split(kind), partitioner, numpy_rng(seed, "layout", kind))
         return clients
