@@ -13,9 +13,12 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -74,14 +77,14 @@ def _one_line(error: BaseException) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from mmfed.console import configure_progress, format_summary
     from mmfed.federation.run import train
 
+    began = time.perf_counter()
     cfg = compose(args.overrides, args.config_dir)
-    if cfg.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")  # also the bars of libraries (teacher loading, extraction)
+    configure_progress(bool(cfg.quiet))  # bars on a terminal, one line per round in a log, none if quiet
     summary = train(cfg)
-    print(f"run folder: {cfg.run_dir}")
-    print(json.dumps(summary, indent=2))
+    print(format_summary(summary, cfg.run_dir, time.perf_counter() - began))
     return 0
 
 
@@ -91,8 +94,10 @@ def _report(args: argparse.Namespace) -> int:
     for path in plot_run(args.run_dir):
         print(path)
     summary = Path(args.run_dir) / "summary.json"
-    if summary.exists():
-        print(summary.read_text().strip())
+    if summary.exists():  # a finished run: its table (every number stays in summary.json)
+        from mmfed.console import format_summary
+
+        print(format_summary(json.loads(summary.read_text()), args.run_dir))
     return 0
 
 
@@ -135,6 +140,26 @@ def _show(args: argparse.Namespace) -> int:
 
     print(OmegaConf.to_yaml(compose(args.overrides, args.config_dir)))
     return 0
+
+
+_USER_ERRORS = (  # bad input, not a bug: one line and exit 2 ("module:class")
+    "mmfed.config:ConfigError",
+    "mmfed.federation.run:RunError",
+    "mmfed.federation.server:RoundFailed",
+    "mmfed.models.encoders:PretrainedLoadError",
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The bad-input error types, taken from the modules already loaded: an error whose module never
+    loaded cannot have been raised, and importing the federation only to name its errors would cost
+    `mmfed config` seconds."""
+    types: list[type[BaseException]] = [FileNotFoundError, ValueError]
+    for entry in _USER_ERRORS:
+        module, name = entry.split(":")
+        if module in sys.modules:
+            types.append(getattr(sys.modules[module], name))
+    return tuple(types)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,15 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from mmfed.config import ConfigError
-    from mmfed.federation.run import RunError
-    from mmfed.federation.server import RoundFailed
-    from mmfed.models.encoders import PretrainedLoadError
-
     try:
         return args.run(args)
-    except (ConfigError, RunError, RoundFailed, PretrainedLoadError, FileNotFoundError, ValueError) as error:
-        if os.environ.get("MMFED_DEBUG"):
+    except Exception as error:
+        if not isinstance(error, _user_errors()) or os.environ.get("MMFED_DEBUG"):
             raise  # the full traceback, for bugs rather than bad input
         print(f"mmfed: error: {_one_line(error)}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from mmfed.config import ConfigError, instantiate, node_for, registered
+from mmfed.console import bar_disabled
 from mmfed.data.samples import MultimodalSplit
 from mmfed.data.sources.protocols import Protocol, get_protocol
 from mmfed.metrics import classification_accuracy, retrieval_protocol
@@ -47,7 +48,7 @@ def encode(
     image_emb = text_emb = None
     if split.images is not None and model.has("image_encoder"):
         starts = range(0, len(split), batch_size)
-        bar = tqdm(starts, desc=f"encoding {split.name} images", unit="batch", disable=not progress)
+        bar = tqdm(starts, desc=f"encoding {split.name} images", unit="batch", disable=bar_disabled(progress))
         image_emb = torch.cat(
             [model.encode_images(split.images[i : i + batch_size]).float().cpu() for i in bar]
         )
@@ -55,7 +56,9 @@ def encode(
     if split.captions is not None and model.has("text_encoder"):
         texts, rows, labels = split.flat_captions()
         starts = range(0, len(texts), batch_size)
-        bar = tqdm(starts, desc=f"encoding {split.name} captions", unit="batch", disable=not progress)
+        bar = tqdm(
+            starts, desc=f"encoding {split.name} captions", unit="batch", disable=bar_disabled(progress)
+        )
         text_emb = torch.cat([model.encode_texts(texts[i : i + batch_size]).float().cpu() for i in bar])
     return image_emb, text_emb, rows, labels
 

@@ -10,7 +10,6 @@ import torch
 
 from mmfed.config import check_choice, register
 from mmfed.data.samples import MultimodalSplit
-from mmfed.metrics import classification_accuracy, retrieval_protocol
 from mmfed.models.multimodal import MultimodalModel
 
 BACKENDS = ("auto", "torch", "faiss")
@@ -51,6 +50,10 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, model: MultimodalModel, split: MultimodalSplit) -> dict[str, float]:
+        # imported here: torchmetrics imports torchvision, transformers and matplotlib (seconds), which
+        # `mmfed config` (it registers this class) should not pay
+        from mmfed.metrics import classification_accuracy, retrieval_protocol
+
         was_training = model.training
         model.eval()
         results: dict[str, float] = {}
