@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from mmfed.config import ConfigError, instantiate, node_for, registered
 from mmfed.console import bar_disabled
 from mmfed.data.samples import MultimodalSplit
+from mmfed.data.sources.base import DataNotFoundError
 from mmfed.data.sources.protocols import Protocol, get_protocol
-from mmfed.metrics import classification_accuracy, retrieval_protocol
 from mmfed.utils.io import load_torch, save_json
 
 CHECKPOINTS = ("best", "last")
@@ -67,6 +67,8 @@ def _accuracy(
     model: Any, head: str, emb: torch.Tensor, labels: torch.Tensor, classes: list[str], name: str
 ) -> float:
     """Top-1 accuracy of `head` on `emb`; a head trained for another class count is an error."""
+    from mmfed.metrics import classification_accuracy
+
     layer = getattr(model, head)
     if layer.out_features != len(classes):
         raise ValueError(
@@ -116,6 +118,8 @@ def evaluate_protocol(
                 f"protocol {protocol.name}: split '{split.name}' has {n} images, fewer than two folds of "
                 f"fold_size={folds}; use a smaller fold_size"
             )
+        from mmfed.metrics import retrieval_protocol  # torchmetrics: seconds, so only once data is there
+
         scores = retrieval_protocol(
             image_emb, text_emb, rows, ks=ks, fold_size=folds or n + 1, chunk_size=chunk_size, backend=backend
         )
@@ -215,8 +219,6 @@ def _int(options: dict[str, str], key: str) -> int | None:
 
 def evaluate_run(run_dir: str | Path, tokens: list[str]) -> dict[str, Any]:
     """``mmfed eval``: evaluate RUN_DIR's checkpoint on a protocol, save and return the result."""
-    from mmfed.federation.run import Federation
-
     options, data_overrides = parse_options(tokens)
     protocol = get_protocol(options["protocol"])
     run = Path(run_dir)
@@ -239,7 +241,12 @@ def evaluate_run(run_dir: str | Path, tokens: list[str]) -> dict[str, Any]:
             source_cfg = OmegaConf.merge(source_cfg, OmegaConf.from_dotlist(data_overrides))
         except Exception as error:  # OmegaConf names the bad key and value
             raise ConfigError(f"data override {data_overrides}: {' '.join(str(error).split())}") from error
-    split = instantiate(source_cfg, "data").split(protocol.split)
+    try:
+        split = instantiate(source_cfg, "data").split(protocol.split)
+    except DataNotFoundError as error:  # advise this very command, with the option that points at the data
+        raise error.under(command=f"mmfed eval {run_dir} protocol={protocol.name}") from None
+
+    from mmfed.federation.run import Federation  # seconds of imports: only once the data is there
 
     model = Federation(cfg).global_model()
     state = load_torch(path)
