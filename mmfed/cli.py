@@ -79,9 +79,11 @@ def _one_line(error: BaseException) -> str:
 def _train(args: argparse.Namespace) -> int:
     from mmfed.console import configure_progress, format_summary
     from mmfed.federation.run import train
+    from mmfed.resume import resume_config
 
     began = time.perf_counter()
-    cfg = compose(args.overrides, args.config_dir)
+    # resume=true: the run folder's saved config (overrides that differ from it are an error)
+    cfg = resume_config(args.overrides, lambda overrides: compose(overrides, args.config_dir))
     configure_progress(bool(cfg.quiet))  # bars on a terminal, one line per round in a log, none if quiet
     summary = train(cfg)
     print(format_summary(summary, cfg.run_dir, time.perf_counter() - began))
