@@ -159,8 +159,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [FileNotFoundError, ValueError]
     for entry in _USER_ERRORS:
         module, name = entry.split(":")
-        if module in sys.modules:
-            types.append(getattr(sys.modules[module], name))
+        error_type = getattr(sys.modules.get(module), name, None)
+        if error_type is not None:
+            types.append(error_type)
     return tuple(types)
 
 
@@ -171,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="run a federation: mmfed train [key=value ...]")
-    train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rounds=5 partition.alpha=0.1")
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides, e.g. rounds=5 partition.alpha=0.1; quiet=true: only the final table (a quiet "
+        "log); name=NAME resume=true: continue runs/NAME with its saved config",
+    )
     train.set_defaults(run=_train)
     show = commands.add_parser("config", help="print the composed config for these overrides")
     show.add_argument("overrides", nargs="*")
