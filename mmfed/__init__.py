@@ -1,6 +1,7 @@
 """mmfed: multimodal federated learning with image-only, text-only and paired clients.
 
-The block below must run before anything imports torchvision.
+The block below must run before anything imports torchvision: it runs when torchvision is first
+looked for (an import hook installed when mmfed is imported), so importing mmfed costs no torch import.
 
 Why: the torchvision wheel on PyPI is a CUDA build. Beside a CPU-only torch its C extension
 (`torchvision/_C.so`) cannot load, and `import torchvision` then fails inside
@@ -18,10 +19,12 @@ them. When the extension loads (a matching CPU or CUDA build), nothing is define
 from __future__ import annotations
 
 import glob
+import importlib.abc
 import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -77,4 +80,18 @@ def install_torchvision_guard(load_extension: Callable[[], bool] = _load_torchvi
     return True
 
 
-TORCHVISION_GUARD_ACTIVE: bool = install_torchvision_guard()
+class _GuardOnFirstImport(importlib.abc.MetaPathFinder):
+    """Runs the guard when torchvision is first looked for, not when mmfed is imported: the guard
+    imports torch (seconds), which `mmfed --help` and plain Python uses of mmfed should not pay."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        global TORCHVISION_GUARD_ACTIVE
+        if name == "torchvision":
+            sys.meta_path.remove(self)  # once; the guard's own find_spec then passes through
+            TORCHVISION_GUARD_ACTIVE = install_torchvision_guard()
+        return None  # the regular finders import it
+
+
+TORCHVISION_GUARD_ACTIVE: bool = False  # True once the guard has defined the schemas
+if "torchvision" not in sys.modules and not any(isinstance(f, _GuardOnFirstImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _GuardOnFirstImport())

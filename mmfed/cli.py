@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from mmfed.composition import REPO_CONFIGS, compose, config_dir  # noqa: F401  (the CLI's API, below it)
@@ -24,14 +25,16 @@ def _train(args: argparse.Namespace) -> int:
         from mmfed.sweep import run_sweep
 
         return run_sweep(args.overrides, args.config_dir)
+    from mmfed.console import configure_progress, format_summary
     from mmfed.federation.launch import train
+    from mmfed.resume import resume_config
 
-    cfg = compose(args.overrides, args.config_dir)
-    if cfg.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")  # also the bars of libraries (teacher loading, extraction)
+    began = time.perf_counter()
+    # resume=true: the run folder's saved config (overrides that differ from it are an error)
+    cfg = resume_config(args.overrides, lambda overrides: compose(overrides, args.config_dir))
+    configure_progress(bool(cfg.quiet))  # bars on a terminal, one line per round in a log, none if quiet
     summary = train(cfg)
-    print(f"run folder: {cfg.run_dir}")
-    print(json.dumps(summary, indent=2))
+    print(format_summary(summary, cfg.run_dir, time.perf_counter() - began))
     return 0
 
 
@@ -41,8 +44,10 @@ def _report(args: argparse.Namespace) -> int:
     for path in plot_run(args.run_dir):
         print(path)
     summary = Path(args.run_dir) / "summary.json"
-    if summary.exists():
-        print(summary.read_text().strip())
+    if summary.exists():  # a finished run: its table (every number stays in summary.json)
+        from mmfed.console import format_summary
+
+        print(format_summary(json.loads(summary.read_text()), args.run_dir))
     return 0
 
 
@@ -99,6 +104,28 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+_USER_ERRORS = (  # bad input, not a bug: one line and exit 2 ("module:class")
+    "mmfed.config:ConfigError",
+    "mmfed.federation.run:RunError",
+    "mmfed.federation.folder:RunFolderError",
+    "mmfed.federation.server:RoundFailed",
+    "mmfed.models.encoders:PretrainedLoadError",
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The bad-input error types, taken from the modules already loaded: an error whose module never
+    loaded cannot have been raised, and importing the federation only to name its errors would cost
+    `mmfed config` seconds."""
+    types: list[type[BaseException]] = [FileNotFoundError, ValueError]
+    for entry in _USER_ERRORS:
+        module, name = entry.split(":")
+        error_type = getattr(sys.modules.get(module), name, None)
+        if error_type is not None:
+            types.append(error_type)
+    return tuple(types)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmfed", description="Multimodal federated learning.")
     parser.add_argument(
@@ -106,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="run a federation: mmfed train [key=value ...]")
-    train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rounds=5 partition.alpha=0.1")
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides, e.g. rounds=5 partition.alpha=0.1; quiet=true: only the final table (a quiet "
+        "log); name=NAME resume=true: continue runs/NAME with its saved config",
+    )
     train.add_argument(
         "-m",
         "--multirun",
@@ -160,26 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from mmfed.config import ConfigError
-    from mmfed.federation.folder import RunFolderError, describe_os_error
-    from mmfed.federation.run import RunError
-    from mmfed.federation.server import RoundFailed
-    from mmfed.models.encoders import PretrainedLoadError
-
     try:
         return args.run(args)
-    except (
-        ConfigError, RunError, RunFolderError, RoundFailed, PretrainedLoadError, FileNotFoundError, ValueError
-    ) as error:  # fmt: skip
+    except Exception as error:
         if os.environ.get("MMFED_DEBUG"):
-            raise  # the full traceback, for bugs rather than bad input
-        print(f"mmfed: error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except OSError as error:  # a disk full, a read-only file: name the file
-        if os.environ.get("MMFED_DEBUG"):
-            raise
-        print(f"mmfed: error: {describe_os_error(error)}", file=sys.stderr)
-        return 2
+            raise  # the full traceback
+        if isinstance(error, _user_errors()):
+            print(f"mmfed: error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        if isinstance(error, OSError):  # a disk full, a read-only file: name the file
+            from mmfed.federation.folder import describe_os_error
+
+            print(f"mmfed: error: {describe_os_error(error)}", file=sys.stderr)
+            return 2
+        raise  # a bug rather than bad input: the traceback
 
 
 if __name__ == "__main__":

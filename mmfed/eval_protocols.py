@@ -24,6 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mmfed.config import ConfigError, instantiate, node_for, registered
+from mmfed.data.sources.base import DataNotFoundError
 from mmfed.data.sources.protocols import Protocol, get_protocol
 from mmfed.evaluation import encode, evaluate_protocol  # noqa: F401  (this module's API too)
 from mmfed.utils.io import save_json
@@ -127,7 +128,10 @@ def evaluate_run(run_dir: str | Path, tokens: list[str]) -> dict[str, Any]:
             source_cfg = OmegaConf.merge(source_cfg, OmegaConf.from_dotlist(data_overrides))
         except Exception as error:  # OmegaConf names the bad key and value
             raise ConfigError(f"data override {data_overrides}: {' '.join(str(error).split())}") from error
-    split = instantiate(source_cfg, "data").split(protocol.split)
+    try:
+        split = instantiate(source_cfg, "data").split(protocol.split)
+    except DataNotFoundError as error:  # advise this very command, with the option that points at the data
+        raise error.under(command=f"mmfed eval {run_dir} protocol={protocol.name}") from None
 
     model = Federation(cfg).global_model()
     load_global_weights(path, model, config_file)

@@ -12,9 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mmfed.config import check_choice, check_positive, register
+from mmfed.console import bar_disabled
 from mmfed.data.samples import MultimodalSplit
 from mmfed.data.sources.protocols import Protocol
-from mmfed.metrics import classification_accuracy, retrieval_protocol
 from mmfed.models.multimodal import MultimodalModel
 
 BACKENDS = ("auto", "torch", "faiss")
@@ -59,6 +59,10 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, model: MultimodalModel, split: MultimodalSplit) -> dict[str, float]:
+        # imported here: torchmetrics imports torchvision, transformers and matplotlib (seconds), which
+        # `mmfed config` (it registers this class) should not pay
+        from mmfed.metrics import classification_accuracy, retrieval_protocol
+
         was_training = model.training
         model.eval()
         results: dict[str, float] = {}
@@ -111,7 +115,7 @@ def encode(
     image_emb = text_emb = None
     if split.images is not None and model.has("image_encoder"):
         starts = range(0, len(split), batch_size)
-        bar = tqdm(starts, desc=f"encoding {split.name} images", unit="batch", disable=not progress)
+        bar = tqdm(starts, desc=f"encoding {split.name} images", unit="batch", disable=bar_disabled(progress))
         image_emb = torch.cat(
             [model.encode_images(split.images[i : i + batch_size]).float().cpu() for i in bar]
         )
@@ -119,7 +123,9 @@ def encode(
     if split.captions is not None and model.has("text_encoder"):
         texts, rows, labels = split.flat_captions()
         starts = range(0, len(texts), batch_size)
-        bar = tqdm(starts, desc=f"encoding {split.name} captions", unit="batch", disable=not progress)
+        bar = tqdm(
+            starts, desc=f"encoding {split.name} captions", unit="batch", disable=bar_disabled(progress)
+        )
         text_emb = torch.cat([model.encode_texts(texts[i : i + batch_size]).float().cpu() for i in bar])
     return image_emb, text_emb, rows, labels
 
@@ -134,6 +140,8 @@ def _accuracy(
             f"protocol {name}: the model's {head} predicts {layer.out_features} classes, the dataset has "
             f"{len(classes)}; evaluate a run trained on this dataset"
         )
+    from mmfed.metrics import classification_accuracy
+
     return classification_accuracy(layer(emb.to(model.device)).cpu(), labels, len(classes))
 
 
@@ -177,6 +185,8 @@ def evaluate_protocol(
                 f"protocol {protocol.name}: split '{split.name}' has {n} images, fewer than two folds of "
                 f"fold_size={folds}; use a smaller fold_size"
             )
+        from mmfed.metrics import retrieval_protocol  # torchmetrics: seconds, so only once data is there
+
         scores = retrieval_protocol(
             image_emb, text_emb, rows, ks=ks, fold_size=folds or n + 1, chunk_size=chunk_size, backend=backend
         )

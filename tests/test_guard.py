@@ -6,12 +6,12 @@ import subprocess
 import sys
 import textwrap
 
-# Loads mmfed/__init__.py's guard functions WITHOUT running its import-time call, in a process
+# Loads mmfed/__init__.py's guard functions WITHOUT installing its import hook, in a process
 # where neither torchvision nor mmfed has been imported yet.
 _LOAD_GUARD = """
 import importlib.util, types
 spec = importlib.util.find_spec("mmfed")
-source = open(spec.origin).read().replace("TORCHVISION_GUARD_ACTIVE: bool = install_torchvision_guard()", "")
+source = open(spec.origin).read().replace("sys.meta_path.insert(0, _GuardOnFirstImport())", "pass")
 guard = types.ModuleType("guard_under_test")
 exec(compile(source, spec.origin, "exec"), guard.__dict__)
 """
@@ -59,3 +59,12 @@ def test_guard_is_a_no_op_once_torchvision_is_imported() -> None:
         "import mmfed, torchvision\nprint(mmfed.install_torchvision_guard(load_extension=lambda: False))"
     )
     assert out == "False"
+
+
+def test_importing_mmfed_imports_no_torch_until_torchvision_is_looked_for() -> None:
+    out = _run(
+        "import sys, mmfed\nbefore = 'torch' in sys.modules\nimport torchvision\n"
+        "hooked = any(type(f).__name__ == '_GuardOnFirstImport' for f in sys.meta_path)\n"
+        "print(before, 'torch' in sys.modules, hooked)"
+    )
+    assert out == "False True False"  # the hook ran once, at torchvision's import, and removed itself

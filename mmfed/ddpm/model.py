@@ -16,10 +16,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 
 from mmfed.config import check_choice, check_positive
 from mmfed.utils.io import save_json
@@ -27,6 +26,9 @@ from mmfed.utils.io import save_json
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 META_FILE = "class_diffusion.json"
 UNET_PREFIX = "unet/"  # tensor names in a message: "unet/<parameter>"
+
+if TYPE_CHECKING:  # diffusers costs seconds to import: only code that builds a model imports it
+    from diffusers import DDPMScheduler, UNet2DModel
 
 
 def build_unet(
@@ -43,6 +45,8 @@ def build_unet(
     this CPU) for no visible gain on the synthetic shapes. The class embedding is added to the time
     embedding (`num_class_embeds`), the standard class conditioning of diffusers' U-Net.
     """
+    from diffusers import UNet2DModel
+
     check_positive("num_classes", num_classes)
     check_positive("layers_per_block", layers_per_block)
     if resolution < 8 or resolution % (2 ** (len(block_out_channels) - 1)):
@@ -77,6 +81,8 @@ def noise_schedule(
     (Nichol & Dhariwal 2021)."""
     check_positive("num_train_timesteps", num_train_timesteps)
     check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
 
 
@@ -139,6 +145,8 @@ class ClassDiffusion:
         missing = [key for key in ("unet", "scheduler", "num_classes", "image_size") if key not in config]
         if missing:
             raise ValueError(f"diffusion model config lacks {missing[0]!r} (has {', '.join(sorted(config))})")
+        from diffusers import DDPMScheduler, UNet2DModel
+
         unet = UNet2DModel.from_config(config["unet"])
         state = {k[len(UNET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
         unet.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
@@ -167,6 +175,8 @@ class ClassDiffusion:
         if not meta_file.exists():
             raise FileNotFoundError(f"{meta_file} not found: not a folder written by ClassDiffusion.save")
         meta = json.loads(meta_file.read_text())
+        from diffusers import DDPMScheduler, UNet2DModel
+
         return cls(
             unet=UNet2DModel.from_pretrained(directory / "unet"),
             scheduler=DDPMScheduler.from_pretrained(directory / "scheduler"),

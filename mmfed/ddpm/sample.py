@@ -11,12 +11,16 @@ comparison. With classifier-free guidance (Ho & Salimans 2022, eq. 6) the noise 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from mmfed.config import check_choice, check_positive
 from mmfed.ddpm.model import ClassDiffusion
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler, DDPMScheduler
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -56,6 +60,8 @@ def sampler_for(model: ClassDiffusion, sampler: str, steps: int) -> DDIMSchedule
     """A fresh scheduler of the model's noise schedule, set to `steps` denoising steps."""
     check_choice("sampler", sampler, SAMPLERS)
     check_positive("steps", steps)
+    from diffusers import DDIMScheduler, DDPMScheduler
+
     config = model.scheduler.config
     scheduler = DDIMScheduler.from_config(config) if sampler == "ddim" else DDPMScheduler.from_config(config)
     scheduler.set_timesteps(min(steps, config.num_train_timesteps))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmfed.config import check_positive
+from mmfed.console import bar_disabled
 from mmfed.ddpm.model import ClassDiffusion
 from mmfed.utils.seeding import torch_generator
 
@@ -89,7 +90,9 @@ def train_diffusion(
     unet.train()
     recent: list[float] = []
     steps, began = 0, time.perf_counter()
-    bar = tqdm(total=budget.max_steps, desc=description, unit="step", leave=False, disable=not progress)
+    bar = tqdm(
+        total=budget.max_steps, desc=description, unit="step", leave=False, disable=bar_disabled(progress)
+    )
     order = torch.randperm(len(data), generator=generator)
     cursor = 0
     stopped_by = "max_steps"

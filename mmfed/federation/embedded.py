@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from mmfed.console import bar_disabled, stage_label
 from mmfed.federation.client import ClientApp
 from mmfed.protocol import Payload, Reply
 from mmfed.utils.io import load_torch, save_torch
@@ -119,12 +120,16 @@ class EmbeddedEngine:
     def _fail(self, round_: int, stage: str, cid: str, error: str) -> None:
         failure = ClientFailure(round_, stage, cid, "embedded", error)
         self.failures.append(failure)
-        log.warning("round %d %s: client %s failed: %s", round_, stage, cid, error)
+        log.warning("%s: client %s failed: %s", stage_label(stage, round_), cid, error)
 
     def run_stage(self, stage: str, round_: int, payloads: dict[str, Payload]) -> dict[str, Reply]:
         replies: dict[str, Reply] = {}
         bar = tqdm(
-            payloads.items(), desc=f"round {round_} {stage}", unit="client", leave=False, disable=self.quiet
+            payloads.items(),
+            desc=stage_label(stage, round_),
+            unit="client",
+            leave=False,
+            disable=bar_disabled(not self.quiet),
         )
         for cid, payload in bar:
             bar.set_postfix_str(cid)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 import mmfed.algorithms  # noqa: F401  (registers loss terms and server steps)
 from mmfed.algorithms.base import ServerStep
 from mmfed.config import ConfigError, instantiate, to_container
+from mmfed.console import CHANCE_PREFIX, bar_disabled
 from mmfed.data.layout import CLIENT_KINDS, ClientSpec, FederationLayout, load_layout, save_layout
 from mmfed.data.partition import Partitioner
 from mmfed.data.samples import MultimodalSplit
@@ -34,6 +35,7 @@ from mmfed.federation.embedded import ClientStateStore, EmbeddedEngine
 from mmfed.federation.folder import RunLock, check_run_dir
 from mmfed.federation.server import COST_PREFIX, Engine, RoundTraffic, Server, add_metrics
 from mmfed.loggers import open_loggers
+from mmfed.metrics.chance import split_chance
 from mmfed.models.multimodal import KIND_PARTS, MultimodalModel, build_model
 from mmfed.utils.io import CorruptFileError, dumps, load_torch, load_yaml, read_jsonl, save_json, save_torch
 from mmfed.utils.seeding import numpy_rng, seed_torch
@@ -371,7 +373,7 @@ class Run:
             range(start, rounds + 1),
             desc="rounds",
             unit="round",
-            disable=self.quiet,
+            disable=bar_disabled(not self.quiet),
             initial=start - 1,
             total=rounds,
         )
@@ -428,7 +430,7 @@ class Run:
             self.store.rollback(round_)
             bar.set_postfix_str(f"val {self.evaluator.selection_metric}={score:.2f}")
             log.info(
-                "round %d/%d  %s=%.2f  (%.1fs)",
+                "round %d/%d  val %s=%.2f  (%.1f s)",
                 round_,
                 rounds,
                 self.evaluator.selection_metric,
@@ -473,6 +475,8 @@ class Run:
             self.global_model.load_state_dict(load_checkpoint(best_file, advice=RESUME_ADVICE))
         test = self.evaluator.evaluate(self.global_model, self.test_split)
         summary: dict[str, Any] = dict(test)
+        chance = split_chance(self.test_split, self.evaluator.ks)  # the floor each test metric sits on
+        summary.update({CHANCE_PREFIX + k: v for k, v in chance.items() if k in test})
         world = self.federation.world
         for name in getattr(world, "protocols", {}):  # composite data: every named test protocol
             heads = self.global_model.has("image_head") or self.global_model.has("text_head")

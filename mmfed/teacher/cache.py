@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmfed.config import check_positive
+from mmfed.console import bar_disabled
 from mmfed.utils.io import atomic_write, load_json, save_json
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -326,7 +327,9 @@ class FeatureCache:
     def _compute(
         self, keys: list[str], missing: list[int], compute: ComputeFn, chunk: int, progress: str | None
     ) -> None:
-        with tqdm(total=len(missing), desc=progress, unit="sample", disable=progress is None) as bar:
+        with tqdm(
+            total=len(missing), desc=progress, unit="sample", disable=bar_disabled(progress is not None)
+        ) as bar:
             for start in range(0, len(missing), chunk):
                 positions = missing[start : start + chunk]
                 began = time.perf_counter()

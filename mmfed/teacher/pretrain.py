@@ -58,6 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmfed.config import check_positive, register, settings_from_overrides
+from mmfed.console import bar_disabled
 from mmfed.teacher.model import StableDiffusionTeacher, TeacherSettings, default_teacher
 from mmfed.teacher.tiny import save_sd_folder, tiny_parts, words_of, write_tokenizer
 from mmfed.utils.io import remove_dead_temp_dirs, save_json
@@ -241,7 +242,9 @@ def smooth(recent: dict[str, float], losses: dict[str, torch.Tensor], step: int)
 
 
 def _bar(total_seconds: float, description: str, quiet: bool) -> tqdm:
-    return tqdm(total=round(total_seconds), desc=description, unit="s", leave=False, disable=quiet)
+    return tqdm(
+        total=round(total_seconds), desc=description, unit="s", leave=False, disable=bar_disabled(not quiet)
+    )
 
 
 # ----------------------------------------------------------------------------- phase 1: VAE

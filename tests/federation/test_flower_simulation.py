@@ -9,12 +9,14 @@ different thread counts the losses agree to ~1e-4 and a retrieval rank can flip 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mmfed.cli import compose, main
+from mmfed.cli import compose
 from mmfed.federation.run import train
 
 pytestmark = pytest.mark.slow
@@ -35,8 +37,22 @@ def _summary(run_dir: Path) -> dict[str, Any]:
 
 
 def test_flower_simulation_gives_the_embedded_metrics(tmp_path: Path, one_thread: None) -> None:
+    """... and, run as a command into a log (not quiet), prints what the embedded engine prints:
+    a line per round and the table, no Flower DEBUG lines, deprecation notices or Ray warnings."""
     train(compose([*TINY, f"run_dir={tmp_path / 'embedded'}"]))
-    assert main(["train", *TINY, "engine=flower", f"run_dir={tmp_path / 'flower'}"]) == 0
+    command = [
+        "train",
+        *[o for o in TINY if o != "quiet=true"],
+        "engine=flower",
+        f"run_dir={tmp_path / 'flower'}",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "mmfed.cli", *command], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [line for line in done.stderr.splitlines() if "mmfed: round " in line]
+    assert len(done.stderr.splitlines()) == 2, done.stderr  # rounds 1 and 2
+    assert "test split, the global model of round" in done.stdout and len(done.stdout.splitlines()) < 25
 
     flower, embedded = _summary(tmp_path / "flower"), _summary(tmp_path / "embedded")
     assert _close(flower, embedded), _differences(flower, embedded)

@@ -168,7 +168,11 @@ def test_gather_is_one_take_per_shard(tmp_path, monkeypatch) -> None:
     )
 
 
-def test_progress_bar_only_when_there_are_misses(tmp_path, capsys) -> None:
+def test_progress_bar_only_when_there_are_misses(tmp_path, capsys, monkeypatch) -> None:
+    import mmfed.teacher.cache
+
+    # as on a terminal (off one, tqdm draws no bar at all: mmfed.console.bar_disabled)
+    monkeypatch.setattr(mmfed.teacher.cache, "bar_disabled", lambda wanted=True: not wanted)
     cache = FeatureCache(tmp_path, FINGERPRINT)
     cache.get(ids(3), Teacher(ids(3)), progress="text embeddings")
     assert "text embeddings" in capsys.readouterr().err

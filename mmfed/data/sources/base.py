@@ -15,9 +15,12 @@ Hugging Face hub id loaded with ``datasets.load_dataset``, which also finds the 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
@@ -38,7 +41,43 @@ RECIPES = "data_recipes/README.md"
 
 
 class DataNotFoundError(FileNotFoundError):
-    """No copy of a dataset was found; the message lists every place tried and what to put where."""
+    """No copy of a dataset was found; the message lists every place tried and what to put where.
+
+    Its advice names config keys as they are written on the command line (``data.root=FOLDER``);
+    a source inside another config (a composite's role) is re-raised `under` its key, and a command
+    that knows its own command line (`mmfed eval`) adds it, so the advice is a command to run.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        tried: str,
+        hint: str,
+        options: dict[str, str],
+        prefix: str = "data.",
+        command: str | None = None,
+    ) -> None:
+        self.dataset, self.tried, self.hint, self.options = dataset, tried, hint, options
+        self.prefix, self.command = prefix, command
+        advised = self.advised_overrides()
+        if not advised:
+            advice = f"See {RECIPES}."
+        elif command:
+            others = f" (or {' / '.join(advised[1:])})" if len(advised) > 1 else ""
+            advice = f"Then run: {command} {advised[0]}{others}; see {RECIPES}."
+        else:
+            advice = f"Or pass {' or '.join(advised)} (see {RECIPES})."
+        super().__init__(f"dataset '{dataset}' not found. Tried: {tried}. {hint} {advice}")
+
+    def advised_overrides(self) -> list[str]:
+        """The ``key=VALUE`` overrides the message advises, e.g. ``data.root=FOLDER``."""
+        return [f"{self.prefix}{key}={value}" for key, value in self.options.items()]
+
+    def under(self, prefix: str | None = None, command: str | None = None) -> DataNotFoundError:
+        """The same error for a source configured at `prefix` (``data.paired.``) / advising `command`."""
+        return DataNotFoundError(
+            self.dataset, self.tried, self.hint, self.options, prefix or self.prefix, command or self.command
+        )
 
 
 def default_root(folder: str) -> Path:
@@ -64,9 +103,15 @@ class Attempts:
     def add(self, where: str, why: str) -> None:
         self.items.append(f"{where} ({why})")
 
-    def error(self, hint: str) -> DataNotFoundError:
-        tried = "; ".join(self.items) or "nothing"
-        return DataNotFoundError(f"dataset '{self.dataset}' not found. Tried: {tried}. {hint}")
+    def error(self, hint: str, options: Sequence[str] = ("root", "hub_id")) -> DataNotFoundError:
+        """The not-found error; `options` are the source's keys a user can point elsewhere."""
+        placeholders = {"hub_id": "OWNER/NAME"}
+        return DataNotFoundError(
+            self.dataset,
+            "; ".join(self.items) or "nothing",
+            hint,
+            {key: placeholders.get(key, "FOLDER") for key in options},
+        )
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -91,17 +136,65 @@ def load_hf(target: str, attempts: Attempts) -> Any | None:
     if "/" not in target or target.startswith((".", "/", "~")):
         attempts.add(f"hub id / saved folder '{target}'", "no such folder, and not a hub id (owner/name)")
         return None
+    offline = hub_offline()
+    unreachable = not offline and not hub_reachable()
     try:
+        if unreachable:  # only the local HF cache can serve it: ask it at once, not after 20 s of retries
+            with _offline_mode():
+                return datasets.load_dataset(target)
         return datasets.load_dataset(target)
     except Exception as error:  # the hub client raises many types; each becomes the reason
-        if hub_offline():
+        if offline:
             why = "HF_HUB_OFFLINE is set and it is not in the local HF cache"
+        elif unreachable:
+            why = f"no connection to {_endpoint()[0]} (no network?) and not in the local HF cache"
         elif isinstance(error, ConnectionError | OSError):
             why = f"the hub could not be reached (no network?): {_short(error)}"
         else:
             why = _short(error)
         attempts.add(f"hub dataset '{target}'", why)
         return None
+
+
+def _endpoint() -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within `timeout` seconds (once per process).
+
+    Without it `datasets` retries for ~20 s, logging each retry, before it gives up. Behind a proxy
+    (HTTPS_PROXY / HTTP_PROXY set) the direct connection says nothing: assume reachable.
+    """
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True
+    try:
+        socket.create_connection(_endpoint(), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _offline_mode() -> Iterator[None]:
+    """`datasets` / `huggingface_hub` offline mode for one call: the flags both libraries read at call
+    time (HF_HUB_OFFLINE is read from the environment only when they are imported)."""
+    from unittest import mock
+
+    import datasets
+    from huggingface_hub import constants
+
+    with (
+        mock.patch.object(constants, "HF_HUB_OFFLINE", True),
+        mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True),
+    ):
+        yield
 
 
 def _short(error: BaseException) -> str:

@@ -19,18 +19,29 @@ role and answers for each:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from mmfed.config import register
 from mmfed.data.layout import CLIENT_KINDS, ClientSpec, FederationLayout
 from mmfed.data.partition import Partitioner
 from mmfed.data.samples import MultimodalSplit
+from mmfed.data.sources.base import DataNotFoundError
 from mmfed.data.sources.protocols import Protocol, get_protocol
 from mmfed.utils.seeding import numpy_rng
 
 CLIENT_ROLES = ("image", "text", "paired")
 ROLES = (*CLIENT_ROLES, "public")
+
+
+@contextlib.contextmanager
+def _configured_at(key: str) -> Iterator[None]:
+    """A member's missing data is advised with its own config key (``data.paired.root=...``)."""
+    try:
+        yield
+    except DataNotFoundError as error:
+        raise error.under(f"data.{key}.") from None
 
 
 @register("data", "composite")
@@ -92,19 +103,23 @@ class CompositeSource:
         """The training split of client kind `kind` (image | text | paired)."""
         if kind not in CLIENT_ROLES:
             raise ValueError(f"kind={kind!r} is not one of {', '.join(CLIENT_ROLES)}")
-        return self.role(kind).split("train")
+        with _configured_at(kind):
+            return self.role(kind).split("train")
 
     def split(self, name: str) -> MultimodalSplit:
         """ "public", "val", "test" (of the val role) or "<role>/<split>"."""
         if "/" in name:
             role, _, split = name.partition("/")
-            return self.role(role).split(split)
+            with _configured_at(role):
+                return self.role(role).split(split)
         if name == "public":
-            return self.role("public").split("public")
+            with _configured_at("public"):
+                return self.role("public").split("public")
         if name in ("val", "test"):
             if self.val_role is None:
                 raise ValueError("data has no client role to take 'val' / 'test' from")
-            return self.role(self.val_role).split(name)
+            with _configured_at(self.val_role):
+                return self.role(self.val_role).split(name)
         if name == "train":
             raise ValueError(
                 "composite data has one training split per client kind: use train_split(kind) "
@@ -167,16 +182,21 @@ class CompositeSource:
                 f"protocol {name!r} is not in data.protocols ({', '.join(self.protocols) or 'none'})"
             )
         protocol = self.protocols[name]
-        return self.source_for(protocol.dataset).split(protocol.split)
+        source = self.source_for(protocol.dataset)
+        keys = {id(s): role for role, s in self.roles.items()}
+        with _configured_at(keys.get(id(source), f"eval_data.{protocol.dataset}")):
+            return source.split(protocol.split)
 
     # ------------------------------------------------------------------ classes and counts
     @property
     def image_classes(self) -> list[str]:
-        return list(self.roles["image"].image_classes) if "image" in self.roles else []
+        with _configured_at("image"):
+            return list(self.roles["image"].image_classes) if "image" in self.roles else []
 
     @property
     def text_classes(self) -> list[str]:
-        return list(self.roles["text"].text_classes) if "text" in self.roles else []
+        with _configured_at("text"):
+            return list(self.roles["text"].text_classes) if "text" in self.roles else []
 
     def data_metrics(self) -> dict[str, float]:
         """Every member source's skipped-sample counts (``data/<dataset>/<split>/skipped``)."""

@@ -33,7 +33,6 @@ import numpy as np
 from mmfed.config import check_choice, register
 from mmfed.data.samples import MultimodalSplit
 from mmfed.data.sources.base import (
-    RECIPES,
     VERIFY_MODES,
     Attempts,
     DataSource,
@@ -195,7 +194,7 @@ class KarpathySource(DataSource):
                 if loaded is not None:
                     self._records, self._origin = self._from_hf(loaded, self.hub_id), self.hub_id
             if self._records is None:
-                raise attempts.error(f"{self.hint} Or set root=... / hub_id=... (see {RECIPES}).")
+                raise attempts.error(self.hint, ("root", "image_root", "hub_id"))
         return self._records
 
     # ------------------------------------------------------------------ splits
@@ -241,9 +240,7 @@ class Flickr30k(KarpathySource):
     folder = "flickr30k"
     json_name = "dataset_flickr30k.json"
     image_subdir = "flickr30k-images"
-    hint = (
-        "Put dataset_flickr30k.json in <root> and the images in <root>/flickr30k-images/ (or set image_root)."
-    )
+    hint = "Put dataset_flickr30k.json in <root> and the images in <root>/flickr30k-images/."
 
     def __init__(
         self,
@@ -267,10 +264,7 @@ class Coco(KarpathySource):
     name = "coco"
     folder = "coco"
     json_name = "dataset_coco.json"
-    hint = (
-        "Put dataset_coco.json in <root> and the 2014 images in <root>/train2014/ and <root>/val2014/ "
-        "(or set image_root)."
-    )
+    hint = "Put dataset_coco.json in <root> and the 2014 images in <root>/train2014/ and <root>/val2014/."
 
     def __init__(
         self,

@@ -21,7 +21,6 @@ import torch
 from mmfed.config import check_choice
 from mmfed.data.samples import MultimodalSplit
 from mmfed.data.sources.base import (
-    RECIPES,
     VERIFY_MODES,
     Attempts,
     DataSource,
@@ -144,7 +143,7 @@ class LabelledSource(DataSource):
                 if loaded is not None:
                     raw = self._from_hf(loaded, self.hub_id)
             if raw is None:
-                raise attempts.error(f"{self.hint} Or set root=... / hub_id=... (see {RECIPES}).")
+                raise attempts.error(self.hint)
             self._check_labels(raw)
             self._raw_data = raw
         return self._raw_data

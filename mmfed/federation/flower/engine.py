@@ -30,7 +30,7 @@ from mmfed.protocol import Payload, Reply
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
-log = logging.getLogger("mmfed")
+log = logging.getLogger("mmfed.flower")  # a deployment's log shows node discovery; a simulation hides it
 
 QUERY_HOSTS = f"{MessageType.QUERY}.hosts"
 
