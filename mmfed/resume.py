@@ -81,7 +81,9 @@ def resume_config(overrides: list[str], compose: Callable[[list[str]], DictConfi
     config_file = Path(cfg.run_dir) / "config.yaml"
     if not cfg.resume or not config_file.is_file():  # no resume, or nothing to resume (Run says so)
         return cfg
-    saved = OmegaConf.load(config_file)
+    from mmfed.federation.run import load_run_config  # one-line errors for a damaged config.yaml
+
+    saved = load_run_config(config_file)
     named = {_override_key(o) for o in overrides}
     requested = OmegaConf.to_container(cfg, resolve=True)
     defaults = OmegaConf.to_container(
@@ -113,6 +115,7 @@ def resume_config(overrides: list[str], compose: Callable[[list[str]], DictConfi
             f"config key 'rounds': rounds={rounds} is fewer than the {done} rounds {config_file.parent} "
             f"has done; pass rounds={done} or more"
         )
+    adjusted.update({key: cfg[key] for key in IDENTITY})  # the folder asked for, also a copied or moved one
     return OmegaConf.merge(saved, adjusted)
 
 

@@ -49,3 +49,22 @@ def test_resume_reads_the_saved_config_and_names_overrides_that_differ(
         err = capsys.readouterr().err.strip()
         assert err.startswith("mmfed: error: resume=true continues the config saved in") and "\n" not in err
         assert named in err, err
+
+
+def test_a_copied_run_folder_resumes_in_the_copy_not_where_it_was_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    original = tmp_path / "original"
+    assert main(["train", "experiment=smoke", "quiet=true", "rounds=1", f"run_dir={original}"]) == 0
+    before = (original / "metrics.jsonl").read_bytes()
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    capsys.readouterr()
+    assert main(["train", f"run_dir={copy}", "resume=true", "rounds=2", "quiet=true"]) == 0
+    assert str(copy) in capsys.readouterr().out
+    assert (original / "metrics.jsonl").read_bytes() == before  # the original folder is untouched
+    rounds = [json.loads(line)["round"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2]
+    assert OmegaConf.load(copy / "config.yaml").run_dir == str(copy)
