@@ -67,7 +67,8 @@ def test_a_tiny_federation_trains_one_round_with_minilm(folder: Path, tmp_path: 
     # the global text encoder is MiniLM, trained away from its pretrained weights by the round
     trained = load_torch(run / "checkpoints" / "last.pt")["global"]
     key = "text_encoder.encoder.model.embeddings.word_embeddings.weight"
-    pretrained = HFTextEncoder(model=str(folder), local_files_only=True).model.embeddings.word_embeddings.weight
+    original = HFTextEncoder(model=str(folder), local_files_only=True)
+    pretrained = original.model.embeddings.word_embeddings.weight
     assert trained[key].shape == pretrained.shape == (30522, 384)
     assert not torch.equal(trained[key], pretrained.detach())
     assert (trained[key] - pretrained.detach()).abs().max() < 0.1  # fine-tuned, not re-initialised
