@@ -469,8 +469,8 @@ class Run:
             per_client, clients_round = best["clients"], best["round"]
         else:
             raise RunError(
-                f"{self.dir}: the checkpoint has no per-client metrics of the best round (a run "
-                "started by an older mmfed); resume it with client_eval_round=last"
+                f"{self.dir}: checkpoints/last.pt has no per-client metrics of the best round "
+                "(written by an older mmfed); start a new run name"
             )
         best_file = self.dir / "checkpoints" / "best.pt"
         if best_file.exists():
