@@ -17,8 +17,13 @@ never data), and after the round's aggregation fine-tunes the global model on D_
 
 FedDDPM corrects after every aggregation (`trigger: always`). FedDDPM+ (`trigger: plateau`)
 corrects only when learning is slow: `SlowLearningDetector` watches a validation metric of the
-global model and fires once per detected plateau (rule below); `server/<step>/fired` in
-metrics.jsonl says in which rounds it fired.
+global model and, as in the paper, performs a **one-shot** correction: the first detected plateau
+fires it, and it never fires again. `rearm: true` (our option, off by default) re-arms the detector
+after each correction, so every later plateau fires again; `server/<step>/fired` in metrics.jsonl
+says in which rounds it fired.
+
+Departures of ours (named options, off by default): `rearm` (a correction per plateau instead of
+the paper's one).
 
 Who generates class c: every uploaded model whose client holds class c, in proportion to its count
 n_k(c) (largest remainders), so a client generates only classes it has seen, and mostly those it has
@@ -231,22 +236,28 @@ class ClassDiffusionTask(ClientTask):
 
 # ----------------------------------------------------------------------------- slow-learning rule
 class SlowLearningDetector:
-    """Fires once per plateau of a validation metric (FedDDPM+).
+    """Fires on the first plateau of a validation metric (FedDDPM+'s one-shot correction).
 
-    The detector keeps the values observed since it last fired (NaN values are skipped: a metric
-    that could not be computed says nothing about progress). With W = `window` and at least W + 1
-    values v_0..v_n, the gain over the window is
+    The detector keeps the values observed since it started (with `rearm`: since it last fired);
+    NaN values are skipped (a metric that could not be computed says nothing about progress).
+    With W = `window` and at least W + 1 values v_0..v_n, the gain over the window is
 
         rule "best":  max(v_{n-W+1..n}) - max(v_{0..n-W})   (did the last W rounds beat the best before?)
         rule "last":  v_n - v_{n-W}                        (did the metric rise over the last W rounds?)
 
     on the values negated when `higher_is_better` is false (a loss). Learning is slow when
-    gain < `min_delta`; the detector then fires and forgets its values, so the next detection needs
-    a fresh window of W + 1 values.
+    gain < `min_delta`; the detector then fires. By default (the paper's one-shot correction) it is
+    then spent and never fires again. With `rearm` (our option) it forgets its values instead, so the
+    next detection needs a fresh window of W + 1 values and every later plateau fires again.
     """
 
     def __init__(
-        self, window: int = 2, min_delta: float = 1.0, rule: str = "best", higher_is_better: bool = True
+        self,
+        window: int = 2,
+        min_delta: float = 1.0,
+        rule: str = "best",
+        higher_is_better: bool = True,
+        rearm: bool = False,
     ) -> None:
         check_positive("window", window)
         check_choice("rule", rule, RULES)
@@ -254,7 +265,9 @@ class SlowLearningDetector:
             raise ValueError(f"min_delta must be a finite number, got {min_delta!r}")
         self.window, self.min_delta, self.rule = int(window), float(min_delta), rule
         self.sign = 1.0 if higher_is_better else -1.0
+        self.rearm = bool(rearm)
         self.values: list[float] = []
+        self.spent = False  # fired once and not re-armed: never fires again
 
     def observe(self, value: float) -> None:
         if not math.isnan(value):
@@ -268,18 +281,22 @@ class SlowLearningDetector:
         return max(v[-w:]) - max(v[:-w]) if self.rule == "best" else v[-1] - v[-1 - w]
 
     def check(self) -> bool:
-        """True (and start a fresh window) if learning is slow now."""
+        """True if learning is slow now; then the detector is spent (or, with `rearm`, starts afresh)."""
+        if self.spent:
+            return False
         gain = self.gain()
         if gain is None or gain >= self.min_delta:
             return False
         self.values = []
+        self.spent = not self.rearm
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"values": list(self.values)}
+        return {"values": list(self.values), "spent": self.spent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.values = [float(v) for v in state.get("values", [])]
+        self.spent = bool(state.get("spent", False))
 
 
 # ----------------------------------------------------------------------------- server step
@@ -309,7 +326,8 @@ class AuxDataCorrection(ServerStep):
     """Sample D_aux from the clients' diffusion models once; fine-tune the global model on it.
 
     Runs after the aggregation step (config order). `trigger: always` is FedDDPM, `trigger: plateau`
-    FedDDPM+ (`metric`, `window`, `min_delta`, `rule`, `higher_is_better`: `SlowLearningDetector`).
+    FedDDPM+ (`metric`, `window`, `min_delta`, `rule`, `higher_is_better`, `rearm`:
+    `SlowLearningDetector`; one-shot unless `rearm`).
     Per-class counts: `samples_per_class` for every class some client holds, or (when null)
     `total_samples` spread by the global label distribution.
     """
@@ -336,6 +354,7 @@ class AuxDataCorrection(ServerStep):
         min_delta: float = 1.0,
         rule: str = "best",
         higher_is_better: bool = True,
+        rearm: bool = False,
     ) -> None:
         check_choice("sampler", sampler, SAMPLERS)
         check_choice("trigger", trigger, TRIGGERS)
@@ -361,7 +380,7 @@ class AuxDataCorrection(ServerStep):
         self.correction_steps, self.batch_size, self.lr = correction_steps, batch_size, lr
         self.weight_decay, self.keep_norm_statistics = weight_decay, keep_norm_statistics
         self.trigger, self.metric = trigger, metric
-        self.detector = SlowLearningDetector(window, min_delta, rule, higher_is_better)
+        self.detector = SlowLearningDetector(window, min_delta, rule, higher_is_better, rearm)
         self.aux_images: torch.Tensor | None = None  # uint8 [N, 3, H, W]
         self.aux_labels: torch.Tensor | None = None  # int64 [N]
         self.fingerprint = ""

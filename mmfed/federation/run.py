@@ -42,6 +42,11 @@ from mmfed.utils.seeding import numpy_rng, seed_torch
 
 log = logging.getLogger("mmfed")
 ENGINES = ("embedded", "flower")
+# Which round's models the per-client evaluation pairs (config key `client_eval_round`):
+#   best: the global model of the best validation round with each client's personal parts as of
+#         that round (evaluated when the round becomes the best: the pair the run selected);
+#   last: the last round's global model with the last round's personal parts.
+CLIENT_EVAL_ROUNDS = ("best", "last")
 
 
 class RunError(RuntimeError):
@@ -248,6 +253,12 @@ class Run:
             min_replies=cfg.min_replies,
         )
         self.evaluator: Evaluator = instantiate(cfg.evaluation, "evaluation")
+        self.client_eval_round = str(cfg.get("client_eval_round", "best"))
+        if self.client_eval_round not in CLIENT_EVAL_ROUNDS:
+            raise ConfigError(
+                f"config key 'client_eval_round': {self.client_eval_round!r} is not one of "
+                f"{', '.join(CLIENT_EVAL_ROUNDS)}"
+            )
         self.store = ClientStateStore(self.dir / "client_state")
         if engine is None and cfg.engine == "flower":  # clients on Flower: see mmfed.federation.flower
             from mmfed.federation.flower.engine import FlowerEngine
@@ -413,6 +424,8 @@ class Run:
             if score > best["score"]:
                 best = {"round": round_, "score": score}
                 save_torch(self.global_model.state_dict(), self.dir / "checkpoints" / "best.pt")
+                if self.client_eval_round == "best":  # the pair belongs to this round: evaluate it now
+                    best["clients"] = self._evaluate_clients(round_)
             with metrics_file.open("a") as handle:
                 handle.write(dumps(record) + "\n")
             loggers.log(record, round_)
@@ -466,10 +479,28 @@ class Run:
         self.store.rollback(0)
         return record
 
+    def _evaluate_clients(self, after_round: int) -> dict[str, dict[str, float]]:
+        """Every client on its local test split, with the model it has after `after_round`: the
+        global model as it is now plus its personal parts as of that round (fusion, heads,
+        adapters: the state it saved last by then). Evaluation changes no client state."""
+        per_client = self.server.evaluate_clients(after_round + 1, self.engine)
+        self.store.rollback(after_round)
+        return per_client
+
     def finish(
         self, rounds: int, best: dict[str, Any], seconds: float, totals: dict[str, int]
     ) -> dict[str, Any]:
-        """Test metrics of the model chosen on validation: the only time the test split is used."""
+        """Test metrics of the model chosen on validation: the only time the test split is used
+        (per client: the local test splits, at the round `client_eval_round` names)."""
+        if self.client_eval_round == "last":  # before the best round's global model is loaded
+            per_client, clients_round = self._evaluate_clients(rounds), rounds
+        elif "clients" in best:
+            per_client, clients_round = best["clients"], best["round"]
+        else:
+            raise RunError(
+                f"{self.dir}: checkpoints/last.pt has no per-client metrics of the best round "
+                "(written by an older mmfed); start a new run name"
+            )
         best_file = self.dir / "checkpoints" / "best.pt"
         if best_file.exists():
             self.global_model.load_state_dict(load_checkpoint(best_file, advice=RESUME_ADVICE))
@@ -496,14 +527,14 @@ class Run:
             summary.update({f"test/{name}/{k}": v for k, v in result["metrics"].items()})
         summary.update(getattr(world, "data_metrics", dict)())  # e.g. corrupt images skipped, per split
         # Per client: the model it would use (global parts + its personal parts) on its local test split.
-        per_client = self.server.evaluate_clients(rounds + 1, self.engine)
-        self.store.rollback(rounds)  # evaluation changes no client state
         summary.update(_client_summary(per_client, self.clients))
         summary["clients"] = per_client
         summary.update(
             {
                 "rounds": rounds,
                 "best_round": best["round"],
+                "client_eval_round": self.client_eval_round,
+                "clients_round": clients_round,
                 "selection_metric": self.evaluator.selection_metric,
                 f"val/{self.evaluator.selection_metric}": best["score"],
                 "wall_seconds": round(seconds, 3),

@@ -313,12 +313,8 @@ class AdaptedModel(MultimodalModel):
                         module.eval()
         return self
 
-    def part_state(self, parts: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = {}
-        for part in parts if parts is not None else self.part_names:
-            for key, value in getattr(self, part).state_dict().items():
-                state[f"{part}/{base_name(key)}"] = value
-        return state
+    def tensor_name(self, key: str) -> str:
+        return base_name(key)
 
     def load_part_state(self, state: dict[str, torch.Tensor], strict_parts: bool = True) -> list[str]:
         grouped: dict[str, dict[str, torch.Tensor]] = {}

@@ -114,13 +114,26 @@ class MultimodalModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def tensor_name(self, key: str) -> str:
+        """How a part's tensor is named in payloads, replies and states (`AdaptedModel` drops peft's
+        wrapper names, so both agree with the un-adapted model)."""
+        return key
+
     def part_state(self, parts: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Flat ``"part/param"`` -> tensor for the requested parts (all when None)."""
         state: dict[str, torch.Tensor] = {}
         for part in parts if parts is not None else self.part_names:
             for key, value in getattr(self, part).state_dict().items():
-                state[f"{part}/{key}"] = value
+                state[f"{part}/{self.tensor_name(key)}"] = value
         return state
+
+    def part_parameters(self, parts: Iterable[str] | None = None) -> dict[str, nn.Parameter]:
+        """Flat ``"part/param"`` -> parameter, named as in `part_state` (so as payload tensors are)."""
+        return {
+            f"{part}/{self.tensor_name(key)}": param
+            for part in (parts if parts is not None else self.part_names)
+            for key, param in getattr(self, part).named_parameters()
+        }
 
     def load_part_state(self, state: dict[str, torch.Tensor], strict_parts: bool = True) -> list[str]:
         """Load ``"part/param"`` tensors; returns the parts that were loaded."""

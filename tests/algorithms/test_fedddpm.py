@@ -35,10 +35,28 @@ def fires(detector: SlowLearningDetector, values: list[float]) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- slow-learning rule
-def test_a_plateau_fires_once_per_detection_then_waits_for_a_fresh_window() -> None:
-    # W=2: the first check is possible after 3 values; a flat sequence fires at 3, then needs 3 new
-    # values (4, 5, 6) before it can fire again, at 6, then 9.
-    assert fires(SlowLearningDetector(window=2, min_delta=1.0), [10.0] * 10) == [3, 6, 9]
+def test_the_correction_is_one_shot_by_default() -> None:
+    # W=2: the first check is possible after 3 values; a flat sequence fires at 3 and never again,
+    # however long the plateaus that follow (the paper's one-shot correction).
+    assert fires(SlowLearningDetector(window=2, min_delta=1.0), [10.0] * 10) == [3]
+    # a plateau, a recovery, then a second plateau: only the first fires
+    values = [10.0, 10.0, 10.0, 13.0, 16.0, 19.0, 19.0, 19.0, 19.0]
+    assert fires(SlowLearningDetector(window=2, min_delta=1.0), values) == [3]
+    spent = SlowLearningDetector(window=2, min_delta=1.0)
+    fires(spent, [10.0] * 3)
+    restored = SlowLearningDetector(window=2, min_delta=1.0)
+    restored.load_state_dict(spent.state_dict())  # a resumed run stays spent
+    assert restored.spent and fires(restored, [10.0] * 6) == []
+
+
+def test_rearm_fires_on_every_plateau_after_a_fresh_window() -> None:
+    # rearm (our option): after firing the values are forgotten; a flat sequence needs 3 new values
+    # (4, 5, 6) before it can fire again, at 6, then 9.
+    assert fires(SlowLearningDetector(window=2, min_delta=1.0, rearm=True), [10.0] * 10) == [3, 6, 9]
+    values = [10.0, 10.0, 10.0, 13.0, 16.0, 19.0, 19.0, 19.0, 19.0]
+    # after the first fire at 3: (13, 16, 19) improves; (19, 19) vs 16 gains 3 at 7; at 8 the window
+    # (19, 19) vs best before 19 gains 0: fires; then a fresh window needs 3 more values
+    assert fires(SlowLearningDetector(window=2, min_delta=1.0, rearm=True), values) == [3, 8]
 
 
 def test_steady_improvement_never_fires() -> None:
@@ -226,7 +244,7 @@ def test_plateau_trigger_corrects_only_when_the_detector_fires(global_model: tor
         fired.append(metrics["fired"])
         assert (metrics["cost/correction_seconds"] > 0) == bool(metrics["fired"])
         step.observe(round_, {"val/classification/image/acc": acc})
-    # round 3 sees (10, 20): gain 10; round 4 sees (20, 20): fires; round 5 needs 2 fresh values
+    # round 3 sees (10, 20): gain 10; round 4 sees (20, 20): fires; round 5: spent (one-shot)
     assert fired == [0.0, 0.0, 0.0, 1.0, 0.0]
     assert step.fired_rounds == [4]
     restored = AuxDataCorrection(trigger="plateau", window=1)
@@ -234,3 +252,13 @@ def test_plateau_trigger_corrects_only_when_the_detector_fires(global_model: tor
     assert restored.fired_rounds == [4] and torch.equal(restored.aux_labels, step.aux_labels)
     with pytest.raises(ValueError, match="metric='val/classification/image/acc' is not among"):
         step.observe(6, {"val/retrieval/rsum": 1.0})
+
+
+def test_the_plateau_step_fires_once_and_rearm_fires_again(global_model: torch.nn.Module) -> None:
+    flat = [10.0] * 7  # every window of W=1 is a plateau
+    for rearm, expected in ((False, [3]), (True, [3, 5, 7])):
+        step = _aux_step(trigger="plateau", window=1, min_delta=1.0, rearm=rearm)
+        for round_, acc in enumerate(flat, start=1):
+            step.aggregate(ServerRound(round_, 0, global_model, []), [])
+            step.observe(round_, {"val/classification/image/acc": acc})
+        assert step.fired_rounds == expected, rearm

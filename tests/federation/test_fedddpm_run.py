@@ -56,8 +56,8 @@ def test_fedddpm_plus_logs_the_rounds_where_it_fired(tmp_path: Path) -> None:
     train(compose([*overrides, "algorithm.server_steps.fedddpm.min_delta=1000"]))  # every window is slow
     rows = records(tmp_path / "run")
     fired = [r["server/fedddpm/fired"] for r in rows]
-    # W=1: the first window is complete after round 2's evaluation -> fires in round 3, then a fresh
-    # window needs rounds 3 and 4 -> round 5 (beyond the run)
+    # W=1: the first window is complete after round 2's evaluation -> fires in round 3; one-shot, so
+    # round 4 (a plateau too) does not fire
     assert fired == [0.0, 0.0, 1.0, 0.0]
     assert [r["cost/correction_seconds"] > 0 for r in rows] == [False, False, True, False]
     state = load_torch(tmp_path / "run" / "checkpoints" / "last.pt")["server"]["fedddpm"]
