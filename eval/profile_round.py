@@ -241,7 +241,8 @@ class RoundClock:
                 buckets_cpu=dict(self.buckets.cpu),
             )
             RESULTS.mkdir(parents=True, exist_ok=True)  # each round as it ends: a cut-short run keeps them
-            (RESULTS / "rounds-partial.jsonl").open("a").write(json.dumps(self.rounds[-1]) + "\n")
+            with (RESULTS / "rounds-partial.jsonl").open("a") as handle:
+                handle.write(json.dumps(self.rounds[-1]) + "\n")
         self._start = None
 
     def open(self, round_: int) -> None:
