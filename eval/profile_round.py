@@ -282,6 +282,7 @@ def main() -> None:
 
     Server.run_round = clocked_round  # type: ignore[method-assign]
     Run.finish = no_finish  # type: ignore[method-assign]
+    (RESULTS / "rounds-partial.jsonl").unlink(missing_ok=True)  # this run's rounds only
     calib_before = calibration()
     tmp = Path(tempfile.mkdtemp(prefix="profile_round_"))
     try:
