@@ -9,9 +9,18 @@ with like on whatever machine runs it:
 - ``all``: ``up_blocks=[0, 1, 2, 3]`` (everything but the output norm/conv);
 - ``full``: the plain SD forward ``unet(z_t, t, c).sample`` on the same latents, noise and prompt.
 
-    python eval/bench_teacher.py                               # a tiny random SD (CPU, seconds)
-    python eval/bench_teacher.py --model ~/.cache/mmfed/teachers/synthetic-sd
-    python eval/bench_teacher.py --arch sd15 --device cuda --dtype float16 --batch 16
+Each variant runs for every ``--dtypes`` entry (default float32, plus bfloat16 where the CPU runs
+it natively: oneDNN's bf16 check), repetitions interleaved across all (variant, dtype) pairs, median
+of ``--repeats``; ratios are to the float32 full forward of the same run.
+
+The default model is the synthetic teacher (`mmfed teacher pretrain`, $MMFED_HOME/teachers/
+synthetic-sd); where that folder does not exist, the same architecture (PretrainSettings' sizes:
+32 px, VAE 4x, U-Net 32-64-128-128, a 3-layer 64-wide text encoder) at random weights, which costs
+the same per image.
+
+    python eval/bench_teacher.py                               # the synthetic teacher (CPU)
+    python eval/bench_teacher.py --model tiny                  # a very small random SD (seconds)
+    python eval/bench_teacher.py --arch sd15 --device cuda --dtypes float16 --batch 16
 
 ``--arch sd15`` builds Stable Diffusion 1.5's U-Net, VAE and text encoder from their configs (written
 below) with random weights: no download, the same compute as the real model. Writes a markdown
@@ -21,6 +30,7 @@ table to stdout and JSON to eval/results/bench_teacher/.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -33,8 +43,8 @@ from typing import Any
 import torch
 
 import mmfed  # noqa: F401  (the torchvision guard, before diffusers/transformers)
-from mmfed.teacher.model import StableDiffusionTeacher, TeacherSettings
-from mmfed.teacher.tiny import DEFAULT_VOCAB, SD_SCHEDULER, build_tiny_sd, write_tokenizer
+from mmfed.teacher.model import DTYPES, StableDiffusionTeacher, TeacherSettings, default_teacher
+from mmfed.teacher.tiny import DEFAULT_VOCAB, SD_SCHEDULER, build_tiny_sd, save_sd_folder, write_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_teacher"
 
@@ -93,6 +103,36 @@ def sd15_teacher(settings: TeacherSettings) -> StableDiffusionTeacher:
     return StableDiffusionTeacher.from_modules(modules, settings, revision="sd15-random")
 
 
+def synthetic_architecture(folder: Path) -> Path:
+    """The synthetic teacher's architecture (PretrainSettings defaults) at random weights, in SD's layout."""
+    from mmfed.teacher.pretrain import PretrainSettings, build_parts
+
+    settings = PretrainSettings(out=str(folder))
+    tokenizer = write_tokenizer(folder / "tokenizer", list(DEFAULT_VOCAB), settings.max_length)
+    save_sd_folder(folder, build_parts(settings, tokenizer, seed=0))
+    return folder
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU runs bfloat16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def load_teacher(model: str, args: argparse.Namespace, dtype: str) -> StableDiffusionTeacher:
+    """The teacher in `dtype`. TeacherSettings allows half dtypes only on CUDA, so a CPU bfloat16
+    teacher is loaded in float32 and cast here (what a CPU bf16 option would do)."""
+    cpu_half = torch.device(args.device).type == "cpu" and dtype != "float32"
+    settings = TeacherSettings(
+        model=model, dtype="float32" if cpu_half else dtype, device=args.device, resolution=args.resolution
+    )
+    teacher = sd15_teacher(settings) if args.arch else StableDiffusionTeacher.load(settings)
+    if cpu_half:
+        teacher.dtype = DTYPES[dtype]
+        for part in (teacher.text_encoder, teacher.vae, teacher.unet):
+            part.to(dtype=DTYPES[dtype])
+    return teacher
+
+
 def full_forward(teacher: StableDiffusionTeacher, images: torch.Tensor, keys: list[str]) -> torch.Tensor:
     """SD's plain U-Net call on the inputs `unet_features` would build (latents, per-sample noise, prompt)."""
     with torch.no_grad():
@@ -121,69 +161,103 @@ def timed(run: Any, device: torch.device, repeats: int, warmup: int) -> list[flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="an SD folder or hub id (default: a tiny random SD)")
+    parser.add_argument("--model", help="an SD folder or hub id, or 'tiny' (default: the synthetic teacher)")
     parser.add_argument("--arch", choices=("sd15",), help="build this architecture with random weights")
     parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--dtypes", default=None, help="comma-separated; default float32[,bfloat16]")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    on_cpu = torch.device(args.device).type == "cpu"
+    dtypes = (
+        args.dtypes.split(",")
+        if args.dtypes
+        else ["float32"] + (["bfloat16"] if on_cpu and bf16_supported() else [])
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(build_tiny_sd(Path(tmp) / "tiny-sd"))
-        settings = TeacherSettings(
-            model=model if not args.arch else "in-memory",
-            dtype=args.dtype,
-            device=args.device,
-            resolution=args.resolution,
-        )
-        teacher = sd15_teacher(settings) if args.arch else StableDiffusionTeacher.load(settings)
-        name = args.arch or (Path(args.model).name if args.model else "tiny-random")
-        generator = torch.Generator().manual_seed(0)
-        size = teacher.resolution
-        images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, generator=generator)
-        keys = [f"bench-{i}" for i in range(args.batch)]
-        last = len(teacher.unet.up_blocks) - 1
-        variants = {
-            "early": lambda: teacher.unet_features(images, keys, up_blocks=[1]),
-            "all": lambda: teacher.unet_features(images, keys, up_blocks=list(range(last + 1))),
-            "full": lambda: full_forward(teacher, images, keys),
+        if args.arch:
+            model, name = "in-memory", args.arch
+        elif args.model == "tiny":
+            model, name = str(build_tiny_sd(Path(tmp) / "tiny-sd")), "tiny-random"
+        elif args.model:
+            model, name = args.model, Path(args.model).name
+        elif Path(default_teacher()).is_dir():
+            model, name = default_teacher(), "synthetic-sd"
+        else:
+            model, name = str(synthetic_architecture(Path(tmp) / "synthetic-arch")), "synthetic-arch-random"
+        runs: dict[tuple[str, str], Any] = {}
+        teacher = None
+        for dtype in dtypes:
+            teacher = load_teacher(model, args, dtype)
+            generator = torch.Generator().manual_seed(0)
+            size = teacher.resolution
+            images = torch.randint(
+                0, 256, (args.batch, 3, size, size), dtype=torch.uint8, generator=generator
+            )
+            keys = [f"bench-{i}" for i in range(args.batch)]
+            last = len(teacher.unet.up_blocks) - 1
+            runs[("early", dtype)] = functools.partial(teacher.unet_features, images, keys, up_blocks=[1])
+            runs[("all", dtype)] = functools.partial(
+                teacher.unet_features, images, keys, up_blocks=list(range(last + 1))
+            )
+            runs[("full", dtype)] = functools.partial(full_forward, teacher, images, keys)
+        assert teacher is not None
+        for run in runs.values():
+            for _ in range(args.warmup):
+                run()
+        seconds: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+        for _ in range(args.repeats):  # interleaved: every (variant, dtype) once per repetition
+            for key, run in runs.items():
+                seconds[key] += timed(run, teacher.device, 1, 0)
+    rows = {}
+    for (variant, dtype), times in seconds.items():
+        median = statistics.median(times)
+        rows[f"{variant}/{dtype}"] = {
+            "median_s": median,
+            "images_per_s": args.batch / median,
+            "seconds": times,
         }
-        rows = {}
-        for variant, run in variants.items():
-            seconds = timed(run, teacher.device, args.repeats, args.warmup)
-            median = statistics.median(seconds)
-            rows[variant] = {"median_s": median, "images_per_s": args.batch / median, "seconds": seconds}
-    full = rows["full"]["images_per_s"]
+    base = rows[f"full/{dtypes[0]}"]["images_per_s"]
     for row in rows.values():
-        row["speed_vs_full"] = row["images_per_s"] / full
+        row["speed_vs_full_" + dtypes[0]] = row["images_per_s"] / base
     device_name = (
         torch.cuda.get_device_name(teacher.device) if teacher.device.type == "cuda" else platform.processor()
     )
     result = {
         "model": name,
         "resolution": teacher.resolution,
-        "dtype": args.dtype,
+        "dtypes": dtypes,
+        "bf16_native": bf16_supported() if on_cpu else None,
         "device": str(teacher.device),
         "device_name": device_name or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "batch": args.batch,
         "repeats": args.repeats,
-        "up_blocks": last + 1,
+        "up_blocks": len(teacher.unet.up_blocks),
         "variants": rows,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
-    print(f"{name}, {teacher.resolution}px, {args.dtype} on {result['device']} ({result['device_name']}), "
-          f"batch {args.batch}, median of {args.repeats}")  # fmt: skip
-    print("| variant | images/s | x full forward |")
-    print("| --- | --- | --- |")
-    for variant, row in rows.items():
-        print(f"| {variant} | {row['images_per_s']:.1f} | {row['speed_vs_full']:.2f} |")
+    where = f"{result['device']} ({result['device_name']}), {result['torch_threads']} torch threads"
+    print(
+        f"{name}, {teacher.resolution}px on {where}, batch {args.batch}, median of {args.repeats} interleaved"
+    )
+    print(f"| variant | dtype | images/s | x full {dtypes[0]} |")
+    print("| --- | --- | --- | --- |")
+    for key, row in rows.items():
+        variant, dtype = key.split("/")
+        print(
+            f"| {variant} | {dtype} | {row['images_per_s']:.1f} | {row['speed_vs_full_' + dtypes[0]]:.2f} |"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in f"{name}-{args.dtype}-{result['device']}-{args.batch}")
+    tag = "-".join(dtypes)
+    slug = "".join(c if c.isalnum() else "-" for c in f"{name}-{tag}-{result['device']}-{args.batch}")
     out = RESULTS / f"{slug.strip('-')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {out}")

@@ -6,6 +6,10 @@ query's favour. For a 25k-caption COCO-5K evaluation the matrix is large, and fo
 has collapsed (all embeddings equal) favourable tie-breaking reports a perfect score. Here the
 scores are computed a chunk of queries at a time and ties count against the query.
 
+Cost: the torch backend computes each image-caption score once, in tiles, and counts both
+directions (and the 1K folds) from the same tile, so it costs about one full similarity matmul
+(measured 1.13x, 1.18x with the folds, eval/bench_retrieval.py); see `_tiled_ranks`.
+
 Ranking rule (both directions, both backends): the rank of a query is the number of NEGATIVE
 gallery items whose score is >= the score of the query's best positive; the query is a hit at K
 iff rank < K. Image->text: the positives of an image are all of its captions. Text->image: the
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any, Literal
 
 import numpy as np
@@ -53,11 +58,16 @@ def _faiss_available() -> bool:
 
 
 def _resolve_backend(backend: str) -> str:
-    """Map "auto" to a concrete backend; faiss is preferred because its top-k search is cheaper."""
+    """Map "auto" to a concrete backend: torch, measured the faster (eval/bench_retrieval.py).
+
+    The torch backend scores every pair once for both directions and the 1K folds, 1.1-1.2x one
+    full similarity matmul; faiss searches each direction separately (two matmuls' worth of
+    scores plus a top-k), and needs a second search per fold.
+    """
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; expected one of {_BACKENDS}")
     if backend == "auto":
-        return "faiss" if _faiss_available() else "torch"
+        return "torch"
     if backend == "faiss" and not _faiss_available():
         raise ValueError(
             "backend='faiss' needs the faiss package, which is not importable; use 'torch' or 'auto'"
@@ -129,39 +139,101 @@ def _describe(x: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _positive_index(query_group: Tensor, gallery_group: Tensor) -> Tensor:
-    """[N_q, P] gallery indices of each query's positives, -1 padded (P: most positives of a group)."""
-    n_groups = int(torch.maximum(query_group.max(), gallery_group.max())) + 1
-    counts = torch.bincount(gallery_group, minlength=n_groups)  # [G]
-    order = torch.argsort(gallery_group, stable=True)  # gallery items grouped
-    sorted_groups = gallery_group[order]
-    slot = torch.arange(len(order), device=order.device) - (torch.cumsum(counts, 0) - counts)[sorted_groups]
-    members = torch.full((n_groups, max(int(counts.max()), 1)), -1, dtype=torch.long, device=order.device)
-    members[sorted_groups, slot] = order  # [G, P]
-    return members[query_group]
+def _chunk_bounds(n_img: int, chunk_size: int, fold_size: int | None) -> list[int]:
+    """Image chunk boundaries: every chunk_size images and every fold boundary (no chunk spans two folds)."""
+    bounds = set(range(0, n_img, chunk_size)) | {n_img}
+    if fold_size is not None:
+        bounds |= set(range(0, (n_img // fold_size) * fold_size + 1, fold_size))
+    return sorted(bounds)
 
 
-def _torch_ranks(
-    queries: Tensor, gallery: Tensor, query_group: Tensor, gallery_group: Tensor, max_k: int, chunk_size: int
-) -> Tensor:
-    """Exact pessimistic ranks, clamped to max_k; a query's positives share its group id.
+def _tiled_ranks(
+    images: Tensor, texts: Tensor, text_to_image: Tensor, max_k: int, chunk_size: int, fold_size: int | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Exact pessimistic ranks of both directions (and of the 1K folds) from ONE pass of score tiles.
 
-    Only one chunk_size x N_gallery score matrix (plus one boolean of that size) exists at once; the
-    positives' scores are gathered from it by index (few per query), so COCO-5K fits in little memory
-    and every compared score comes from the same matmul (ties stay exact).
+    Captions are put in image order, so the captions of an image chunk are one contiguous column
+    group and the score matrix is a grid of tiles (image chunk x caption group). The diagonal tiles
+    hold every positive; they are computed first, giving each image its best positive score and each
+    caption its positive score (the thresholds). Then every tile (the diagonal ones kept, the others
+    computed once into a reused buffer) is compared with both thresholds and counted: rows count
+    i2t (captions scoring >= the image's best positive), columns count t2i (images scoring >= the
+    caption's positive). One similarity matmul in total, two comparisons and two sums per score, no
+    top-k or sort. A tile whose chunk and group lie in the same 1K fold also counts for the fold, so
+    the folds cost nothing extra. All tiles have the same shape (chunk x its captions) and K, so a
+    positive and a negative with identical vectors get identical scores (ties stay exact).
+
+    Returns (i2t ranks [N_img], t2i ranks [N_txt] in the input's caption order, and the same within
+    each image's fold, or None without folds; images past the last whole fold get rank max_k there).
     """
-    positives = _positive_index(query_group, gallery_group)  # [N_q, P], -1 = padding
-    ranks = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)  # [N_q]
-    for start in range(0, queries.shape[0], chunk_size):
-        stop = min(start + chunk_size, queries.shape[0])
-        scores = queries[start:stop] @ gallery.T  # [c, N_g]
-        index = positives[start:stop]  # [c, P]
-        valid = index >= 0
-        positive_scores = scores.gather(1, index.clamp(min=0)).masked_fill_(~valid, float("-inf"))  # [c, P]
-        best = positive_scores.amax(dim=1, keepdim=True)  # [c, 1]
-        at_least_best = (scores >= best).sum(dim=1)  # negatives and positives scoring >= best: [c]
-        ranks[start:stop] = at_least_best - ((positive_scores >= best) & valid).sum(dim=1)
-    return ranks.clamp_(max=max_k)
+    device = images.device
+    n_img, n_txt = images.shape[0], texts.shape[0]
+    order = torch.argsort(text_to_image, stable=True)  # caption positions in image order
+    texts = texts[order]  # [N_txt, D]
+    owner = text_to_image[order]  # [N_txt], non-decreasing
+    counts = torch.bincount(owner, minlength=n_img)  # [N_img] captions per image (>= 1)
+    first = torch.cumsum(counts, 0) - counts  # [N_img] each image's first caption column
+    bounds = _chunk_bounds(n_img, chunk_size, fold_size)
+    col_bounds = [int(first[b]) if b < n_img else n_txt for b in bounds]
+    n_folds = n_img // fold_size if fold_size is not None else 0
+    row_spans, col_spans = list(pairwise(bounds)), list(pairwise(col_bounds))
+    in_folds = n_folds * (fold_size or 0)  # images [0, in_folds) lie in whole folds
+    fold_of = [a // fold_size if fold_size is not None and a < in_folds else -1 for a, _ in row_spans]
+
+    # diagonal tiles: thresholds, and how many of an image's own captions reach its best
+    best = torch.empty(n_img, device=device)  # [N_img] best positive score per image
+    own_at_best = torch.empty(n_img, device=device)  # [N_img] positives >= best (>= 1)
+    positive = torch.empty(n_txt, device=device)  # [N_txt] each caption's positive score
+    diagonal = []
+    n_pos = int(counts.max())
+    for (a, b), (p, q) in zip(row_spans, col_spans, strict=True):
+        tile = images[a:b] @ texts[p:q].T  # [c, n]
+        slot = torch.arange(n_pos, device=device)  # [P]
+        valid = slot[None, :] < counts[a:b, None]  # [c, P]
+        cols = (first[a:b, None] - p + slot[None, :]).clamp_(max=q - p - 1)  # [c, P]
+        own = tile.gather(1, cols).masked_fill_(~valid, float("-inf"))  # [c, P]
+        best[a:b] = own.amax(dim=1)
+        own_at_best[a:b] = (own >= best[a:b, None]).sum(dim=1)
+        positive[p:q] = tile[owner[p:q] - a, torch.arange(q - p, device=device)]
+        diagonal.append(tile)
+
+    rows = torch.zeros(n_img, device=device)  # [N_img] captions >= best, positives included
+    cols = torch.zeros(n_txt, device=device)  # [N_txt] images >= positive, the positive included
+    fold_rows = torch.zeros(n_img, device=device) if n_folds else None
+    fold_cols = torch.zeros(n_txt, device=device) if n_folds else None
+    widest = max(q - p for p, q in col_spans)
+    tallest = max(b - a for a, b in row_spans)
+    scores = torch.empty(tallest * widest, device=device)  # reused tile buffer
+    hits = torch.empty(tallest * widest, device=device)  # reused 0/1 buffer (float: fast sums)
+    for k, (a, b) in enumerate(row_spans):
+        chunk = images[a:b]  # [c, D]
+        best_k = best[a:b, None]  # [c, 1]
+        for g, (p, q) in enumerate(col_spans):
+            if g == k:
+                tile = diagonal[k]
+            else:
+                tile = torch.mm(chunk, texts[p:q].T, out=scores[: (b - a) * (q - p)].view(b - a, q - p))
+            hit = hits[: (b - a) * (q - p)].view(b - a, q - p)
+            row_count = torch.ge(tile, best_k, out=hit).sum(dim=1)  # [c]
+            col_count = torch.ge(tile, positive[None, p:q], out=hit).sum(dim=0)  # [n]
+            rows[a:b] += row_count
+            cols[p:q] += col_count
+            if fold_rows is not None and fold_of[k] >= 0 and fold_of[k] == fold_of[g]:
+                fold_rows[a:b] += row_count
+                fold_cols[p:q] += col_count
+    del diagonal
+
+    def ranks(row_total: Tensor, col_total: Tensor) -> tuple[Tensor, Tensor]:
+        i2t = (row_total - own_at_best).long().clamp_(max=max_k)  # [N_img]
+        t2i = torch.empty(n_txt, dtype=torch.long, device=device)
+        t2i[order] = (col_total - 1).long().clamp_(max=max_k)  # the positive itself reaches its score
+        return i2t, t2i
+
+    i2t, t2i = ranks(rows, cols)
+    if fold_rows is None or fold_cols is None:
+        return i2t, t2i, None, None
+    fold_i2t, fold_t2i = ranks(fold_rows, fold_cols)
+    return i2t, t2i, fold_i2t, fold_t2i
 
 
 def _faiss_ranks(
@@ -206,19 +278,54 @@ def _faiss_ranks(
     return torch.from_numpy(ranks).clamp_(max=max_k)
 
 
-def _ranks(
-    image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, max_k: int, chunk_size: int, backend: str
-) -> tuple[Tensor, Tensor]:
-    """(i2t ranks [N_img], t2i ranks [N_txt]) on L2-normalised float32 embeddings."""
+def _normalised(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """L2-normalised float32 embeddings and long caption owners, on the images' device."""
     device = image_emb.device
     images = F.normalize(image_emb.detach().float(), dim=1)  # [N_img, D]
     texts = F.normalize(text_emb.detach().to(device).float(), dim=1)  # [N_txt, D]
-    t2i = text_to_image.detach().to(device).long()  # [N_txt]
-    image_ids = torch.arange(images.shape[0], device=device)  # [N_img]
-    rank_fn = _faiss_ranks if backend == "faiss" else _torch_ranks
-    i2t = rank_fn(images, texts, image_ids, t2i, max_k, chunk_size)
-    t2i_ranks = rank_fn(texts, images, t2i, image_ids, max_k, chunk_size)
-    return i2t, t2i_ranks
+    return images, texts, text_to_image.detach().to(device).long()
+
+
+def _faiss_both(
+    images: Tensor, texts: Tensor, t2i: Tensor, max_k: int, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """(i2t, t2i) ranks by two faiss searches, one per direction."""
+    image_ids = torch.arange(images.shape[0], device=images.device)  # [N_img]
+    return (
+        _faiss_ranks(images, texts, image_ids, t2i, max_k, chunk_size),
+        _faiss_ranks(texts, images, t2i, image_ids, max_k, chunk_size),
+    )
+
+
+def _scores(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    ks: tuple[int, ...],
+    chunk_size: int,
+    backend: str,
+    fold_size: int | None,
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(full-set recalls, recalls of each 1K fold: empty without fold_size or below two folds)."""
+    max_k = max(ks)
+    images, texts, t2i = _normalised(image_emb, text_emb, text_to_image)
+    n_img = images.shape[0]
+    folded = fold_size is not None and n_img >= 2 * fold_size
+    folds = _fold_splits(t2i, n_img, fold_size) if folded and fold_size is not None else []
+    if backend == "faiss":
+        full = _recalls(*_faiss_both(images, texts, t2i, max_k, chunk_size), ks)
+        per_fold = [
+            _recalls(*_faiss_both(images[imgs], texts[caps], local, max_k, chunk_size), ks)
+            for imgs, caps, local in folds
+        ]
+        return full, per_fold
+    i2t, t2i_ranks, fold_i2t, fold_t2i = _tiled_ranks(
+        images, texts, t2i, max_k, chunk_size, fold_size if folded else None
+    )
+    per_fold = []
+    if fold_i2t is not None and fold_t2i is not None:
+        per_fold = [_recalls(fold_i2t[imgs], fold_t2i[caps], ks) for imgs, caps, _ in folds]
+    return _recalls(i2t, t2i_ranks, ks), per_fold
 
 
 def _recalls(i2t_ranks: Tensor, t2i_ranks: Tensor, ks: tuple[int, ...]) -> dict[str, float]:
@@ -267,9 +374,11 @@ def retrieval_recall(
         text_emb: [N_txt, D] caption embeddings.
         text_to_image: [N_txt] index of each caption's image; every image needs >= 1 caption.
         ks: cut-offs K; keys are "i2t/R@K", "t2i/R@K" for each, and "rsum".
-        chunk_size: queries scored at once, bounding memory at chunk_size x N_gallery scores.
-        backend: "torch" (chunked matmul, exact counting), "faiss" (IndexFlatIP top-k search) or
-            "auto" (faiss when importable). Both give identical results.
+        chunk_size: images per score tile (torch: a tile is chunk_size images x their captions, two
+            such tiles exist at once) or queries per search (faiss).
+        backend: "torch" (one tiled matmul for both directions, exact counting), "faiss"
+            (IndexFlatIP top-k search per direction) or "auto" (torch, the faster). Both give
+            identical results.
 
     Ties are broken against the query: a query's rank is the number of negatives scoring >= its
     best positive, and it is a hit at K iff rank < K. Why: with optimistic (or index-order)
@@ -280,7 +389,7 @@ def retrieval_recall(
     _check_positive_int("chunk_size", chunk_size)
     resolved = _resolve_backend(backend)
     _check_inputs(image_emb, text_emb, text_to_image)
-    out = _recalls(*_ranks(image_emb, text_emb, text_to_image, max(ks_t), chunk_size, resolved), ks_t)
+    out, _ = _scores(image_emb, text_emb, text_to_image, ks_t, chunk_size, resolved, fold_size=None)
     del out["rsum@1"]
     return out
 
@@ -307,18 +416,9 @@ def retrieval_protocol(
     _check_positive_int("chunk_size", chunk_size)
     resolved = _resolve_backend(backend)
     _check_inputs(image_emb, text_emb, text_to_image)
-    max_k = max(ks_t)
-
-    out = _recalls(*_ranks(image_emb, text_emb, text_to_image, max_k, chunk_size, resolved), ks_t)
-    n_img = image_emb.shape[0]
-    if n_img >= 2 * fold_size:
-        folds = _fold_splits(text_to_image.cpu(), n_img, fold_size)
-        per_fold = [
-            _recalls(*_ranks(image_emb[imgs], text_emb[caps], t2i, max_k, chunk_size, resolved), ks_t)
-            for imgs, caps, t2i in folds
-        ]
-        for key in per_fold[0]:
-            out[f"1k/{key}"] = sum(fold[key] for fold in per_fold) / len(per_fold)
+    out, per_fold = _scores(image_emb, text_emb, text_to_image, ks_t, chunk_size, resolved, fold_size)
+    for key in per_fold[0] if per_fold else ():
+        out[f"1k/{key}"] = sum(fold[key] for fold in per_fold) / len(per_fold)
     return out
 
 
