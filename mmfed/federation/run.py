@@ -37,6 +37,7 @@ from mmfed.federation.server import COST_PREFIX, Engine, RoundTraffic, Server, a
 from mmfed.loggers import open_loggers
 from mmfed.metrics.chance import split_chance
 from mmfed.models.multimodal import KIND_PARTS, MultimodalModel, build_model
+from mmfed.utils.environment import describe_environment
 from mmfed.utils.io import CorruptFileError, dumps, load_torch, load_yaml, read_jsonl, save_json, save_torch
 from mmfed.utils.seeding import numpy_rng, seed_torch
 
@@ -543,6 +544,7 @@ class Run:
             }
         )
         summary.update(_cost_totals(self.dir / "metrics.jsonl"))
+        summary["environment"] = describe_environment()  # threads and CPU kernels change the numbers too
         save_json(summary, self.dir / "summary.json")
         from mmfed.report import plot_run
 

@@ -11,3 +11,13 @@ def test_environment_names_threads_kernels_and_versions() -> None:
     assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert env["packages"]["torch"].startswith(torch.__version__.split("+")[0])
     json.dumps(env, allow_nan=False)  # strict JSON
+
+
+def test_a_run_summary_records_its_environment(tmp_path) -> None:
+    from mmfed.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "experiment=smoke", "rounds=1", "quiet=true", f"run_dir={run}"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["environment"]["torch_threads"] == torch.get_num_threads()
+    assert summary["environment"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
