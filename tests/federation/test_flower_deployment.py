@@ -140,9 +140,11 @@ class Processes:
         self.started.append((name, process))
         return process
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, whole: bool = False) -> str:
+        """The process's log: its last 3,000 characters (for failure messages), or all of it."""
         path = self.folder / f"{name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text if whole else text[-3000:]
 
     def stop_all(self) -> list[int]:
         """SIGTERM every group, SIGKILL what is left after 15 s; returns pids still alive after that."""
@@ -300,7 +302,7 @@ def test_two_supernodes_over_tls_train_two_rounds_like_the_embedded_engine(
             "val/retrieval/rsum",
         } <= record.keys()
         assert record["bytes_up"] == sum(c["up"] for c in record["clients_bytes"].values()) > 0
-    hosts = processes.log("flwr_run")
+    hosts = processes.log("flwr_run", whole=True)
     assert "hosts image-0, paired-0" in hosts and "hosts text-0" in hosts, hosts
 
     reference = train(compose([*OVERRIDES.split(), f"run_dir={tmp_path / 'embedded'}"]))
