@@ -25,6 +25,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 from mmfed.console import CHANCE_PREFIX  # noqa: E402  (summary.json: chance level of a test metric)
+from mmfed.utils.io import read_metrics_file  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} an mmfed run folder?")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from error
-    return records
+    return read_metrics_file(path)
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any]:

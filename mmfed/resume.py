@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mmfed.config import ConfigError
-from mmfed.utils.io import read_jsonl
+from mmfed.utils.io import read_metrics_file
 
 ADJUSTABLE = ("resume", "quiet", "rounds", "logger", "wandb_project")  # more rounds, other log outputs
 IDENTITY = ("name", "run_dir")  # which folder: never compared (name defaults to the current time)
@@ -62,11 +62,7 @@ def _rounds_done(run_dir: Path) -> int:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return 0
-    records = read_jsonl(
-        metrics,
-        advice="delete its damaged last line to resume, or start a new name=...",
-        check=lambda record: isinstance(record, dict) and isinstance(record.get("round"), int),
-    )
+    records = read_metrics_file(metrics)
     return max((record["round"] for record in records), default=0)
 
 

@@ -100,3 +100,12 @@ def test_plot_run_writes_every_panel(tmp_path: Path) -> None:
         "train_loss.png",
     ]
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_report_on_a_damaged_metrics_file_is_one_line_naming_it(tmp_path, capsys) -> None:
+    from mmfed.cli import main
+
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2, "val/retr')
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(tmp_path / "metrics.jsonl") in err and "line 2" in err, err

@@ -38,7 +38,15 @@ from mmfed.loggers import open_loggers
 from mmfed.metrics.chance import split_chance
 from mmfed.models.multimodal import KIND_PARTS, MultimodalModel, build_model
 from mmfed.utils.environment import describe_environment
-from mmfed.utils.io import CorruptFileError, dumps, load_torch, load_yaml, read_jsonl, save_json, save_torch
+from mmfed.utils.io import (
+    CorruptFileError,
+    dumps,
+    load_torch,
+    load_yaml,
+    read_metrics_file,
+    save_json,
+    save_torch,
+)
 from mmfed.utils.seeding import numpy_rng, seed_torch
 
 log = logging.getLogger("mmfed")
@@ -652,14 +660,7 @@ def load_global_weights(path: Path, model: MultimodalModel, config_file: Path) -
         ) from error
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl; a damaged line is one line naming the file and the line."""
-    return read_jsonl(
-        path,
-        advice="the run's per-round log: delete or repair that line (its round then has no record), or "
-        "start another name=...",
-        check=lambda record: isinstance(record, dict) and isinstance(record.get("round"), int),
-    )
+read_metrics = read_metrics_file  # the run's metrics.jsonl reader (kept under its old name)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -233,3 +233,16 @@ def load_yaml(path: str | Path, advice: str | None = None) -> Any:
     if not isinstance(cfg, DictConfig) or not cfg:
         raise CorruptFileError(f"config file {path} is empty or not a mapping of config keys; {advice}")
     return cfg
+
+
+def read_metrics_file(path: str | Path) -> list[Any]:
+    """The per-round records of a run's metrics.jsonl; a damaged line is one line naming the file and line.
+
+    One reader for every consumer (the run's resume checks, `mmfed report`, `mmfed compare`, resume).
+    """
+    return read_jsonl(
+        path,
+        advice="the run's per-round log: delete or repair that line (its round then has no record), or "
+        "start another name=...",
+        check=lambda record: isinstance(record, dict) and isinstance(record.get("round"), int),
+    )
