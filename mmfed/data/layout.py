@@ -13,6 +13,11 @@ with rate p and their text with rate q (disjoint draws: no sample lacks both, so
 drawn per client after the partition from the layout's stream (the partition itself does not
 change) and saved with it (`ClientSpec.missing_image` / `missing_text`). The client trains on
 whatever each sample has (`federation.client.ClientData`); local test samples stay complete.
+
+The two bounds a comparison shows are layouts of the same rows: ``layout.pooled=true`` (centralized:
+one client per kind holds all of that kind's rows, so skew no longer splits them; the three kinds
+still train their own losses, as in the federation) and ``layout.only=<cid>`` (local-only: the
+federation's client `cid` trains alone; the run's model is that client's model).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from mmfed.data.samples import MultimodalSplit
 from mmfed.utils.io import load_json, save_json
 
 CLIENT_KINDS = ("image", "text", "paired")
+# What the partitioner skews over: the class labels (label skew) or the rows' visual domains (feature
+# skew: clients see different styles of the same classes; `data.styles` in the synthetic world).
+SKEWS = ("label", "domain")
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,9 @@ class FederationLayout:
         local_test_fraction: float = 0.1,
         missing_image: float = 0.0,
         missing_text: float = 0.0,
+        skew: str = "label",
+        pooled: bool = False,
+        only: str | None = None,
     ) -> None:
         for name, count in (("image", image), ("text", text), ("paired", paired)):
             check_positive(f"layout.{name}", count, strict=False)
@@ -75,6 +86,11 @@ class FederationLayout:
                 f"layout.missing_image + layout.missing_text must be <= 1 (a sample keeps at least one "
                 f"modality), got {missing_image} + {missing_text}"
             )
+        if skew not in SKEWS:
+            raise ValueError(f"layout.skew must be one of {', '.join(SKEWS)}, got {skew!r}")
+        if pooled and only is not None:
+            raise ValueError("layout.pooled and layout.only exclude each other (one bound at a time)")
+        self.skew, self.pooled, self.only = skew, bool(pooled), only
         self.counts = {"image": image, "text": text, "paired": paired}
         self.local_test_fraction = local_test_fraction
         self.missing_image, self.missing_text = missing_image, missing_text
@@ -90,7 +106,7 @@ class FederationLayout:
         clients: list[ClientSpec] = []
         for kind, start, stop in zip(kinds, bounds[:-1], bounds[1:], strict=True):
             pool = order[start:stop]
-            labels = self._labels(train, kind)[pool]
+            labels = self._labels(train, kind, self.skew)[pool]
             for index, part in enumerate(partitioner(labels, self.counts[kind], rng)):
                 rows = rng.permutation(pool[part])
                 n_test = int(round(len(rows) * self.local_test_fraction))
@@ -103,7 +119,39 @@ class FederationLayout:
                         test_ids=tuple(train.ids[i] for i in test_rows),
                     )
                 )
-        return self._drop_modalities(clients, rng)
+        clients = self._drop_modalities(clients, rng)
+        if self.pooled:
+            return self._pool(clients)
+        if self.only is not None:
+            kept = [c for c in clients if c.cid == self.only]
+            if not kept:
+                names = ", ".join(c.cid for c in clients)
+                raise ValueError(f"layout.only={self.only!r} is not a client of this layout; its clients: {names}")
+            return kept
+        return clients
+
+    @staticmethod
+    def _pool(clients: list[ClientSpec]) -> list[ClientSpec]:
+        """The centralized bound: one client per kind holding every row (and local test row) of that kind.
+
+        The rows are those of the federated layout with the same seed, so the bound trains on exactly
+        the federation's data; only who holds it changes.
+        """
+        pooled = []
+        for kind in CLIENT_KINDS:
+            mine = [c for c in clients if c.kind == kind]
+            if mine:
+                pooled.append(
+                    ClientSpec(
+                        cid=f"{kind}-0",  # the index picks the encoder variant (run.py)
+                        kind=kind,
+                        train_ids=tuple(sorted(i for c in mine for i in c.train_ids)),
+                        test_ids=tuple(sorted(i for c in mine for i in c.test_ids)),
+                        missing_image=tuple(sorted(i for c in mine for i in c.missing_image)),
+                        missing_text=tuple(sorted(i for c in mine for i in c.missing_text)),
+                    )
+                )
+        return pooled
 
     def _drop_modalities(self, clients: list[ClientSpec], rng: np.random.Generator) -> list[ClientSpec]:
         """Paired clients' missing images / texts, drawn after the partition (which stays as it is)."""
@@ -124,7 +172,14 @@ class FederationLayout:
         return out
 
     @staticmethod
-    def _labels(train: MultimodalSplit, kind: str) -> np.ndarray:
+    def _labels(train: MultimodalSplit, kind: str, skew: str = "label") -> np.ndarray:
+        if skew == "domain":
+            if train.domains is None:
+                raise ValueError(
+                    f"layout.skew=domain needs rows with a visual domain; split '{train.name}' has none "
+                    "(the synthetic world has them with data.styles=[photo,inverted,...])"
+                )
+            return train.domains.numpy()
         labels = train.text_labels if kind == "text" else train.image_labels
         if labels is None:  # unlabelled pairs (e.g. Flickr30k): partition without label skew
             return np.zeros(len(train), dtype=np.int64)

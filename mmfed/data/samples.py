@@ -177,6 +177,8 @@ class MultimodalSplit:
     text_labels: torch.Tensor | None = None  # int64 [N]; every caption of row i has label text_labels[i]
     image_classes: list[str] = field(default_factory=list)
     text_classes: list[str] = field(default_factory=list)
+    domains: torch.Tensor | None = None  # int64 [N]: the row's visual domain (synthetic `styles`), if any
+    domain_names: list[str] = field(default_factory=list)
     # samples the source left out (sample id -> why, e.g. a corrupt image under skip_corrupt=true);
     # reported so that nothing is dropped silently. Describes the source split: subsets start empty.
     skipped: dict[str, str] = field(default_factory=dict)
@@ -216,6 +218,8 @@ class MultimodalSplit:
                     self._fail(f"captions of sample '{sample_id}' must be a list of str")
         self._check_labels("image_labels", self.image_labels, self.image_classes)
         self._check_labels("text_labels", self.text_labels, self.text_classes)
+        self.domain_names = list(self.domain_names)
+        self._check_labels("domains", self.domains, self.domain_names)
 
     def _fail(self, message: str) -> NoReturn:
         raise ValueError(f"split '{self.name}': {message}")
@@ -269,6 +273,8 @@ class MultimodalSplit:
             text_labels=None if self.text_labels is None else self.text_labels[index],
             image_classes=list(self.image_classes),
             text_classes=list(self.text_classes),
+            domains=None if self.domains is None else self.domains[index],
+            domain_names=list(self.domain_names),
         )
 
     def flat_captions(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:

@@ -155,7 +155,15 @@ _CHUNK = 1024
 
 @register("data", "synthetic")
 class SyntheticWorld:
-    """Deterministic from seed; splits generated on first use and kept in memory."""
+    """Deterministic from seed; splits generated on first use and kept in memory.
+
+    Options that change the world (each off by default, so the default world stays the same):
+    `sizes` / `counts` / `positions` draw objects from fewer sizes / counts / places (an easier world: `experiment=testbed`
+    uses large single objects so a small model learns the shapes within a minute); `styles` (two or
+    more of STYLES) renders each row in a style drawn uniformly and records it as the row's domain,
+    so `layout.skew=domain` can give clients different visual domains (feature skew) while the
+    val/test splits mix all styles.
+    """
 
     SPLITS = ("train", "public", "val", "test")
 
@@ -168,6 +176,10 @@ class SyntheticWorld:
         n_val: int = 500,
         n_test: int = 1000,
         captions_per_image: int = 5,
+        sizes: tuple[str, ...] = SIZES,
+        counts: tuple[int, ...] = COUNTS,
+        positions: tuple[str, ...] = POSITIONS,
+        styles: tuple[str, ...] = ("photo",),
     ) -> None:
         _check_int("seed", seed, 0)
         _check_int("image_size", image_size, 32)
@@ -179,6 +191,10 @@ class SyntheticWorld:
         ):
             _check_int(arg, value, 1)
         _check_int("captions_per_image", captions_per_image, 1)
+        self.size_choices = _check_subset("sizes", sizes, SIZES)
+        self.count_choices = _check_subset("counts", counts, COUNTS)
+        self.position_choices = _check_subset("positions", positions, POSITIONS)
+        self.styles = tuple(list(STYLES)[i] for i in _check_subset("styles", styles, tuple(STYLES)))
         self.seed = int(seed)
         self.image_size = int(image_size)
         self.captions_per_image = int(captions_per_image)
@@ -218,9 +234,15 @@ class SyntheticWorld:
         n = self.sizes[name]
         # Own stream per split: generating one split never depends on another having been generated.
         rng = np.random.default_rng([self.seed, self.SPLITS.index(name)])
-        attrs = _sample_attributes(rng, n)
+        attrs = _sample_attributes(rng, n, self.size_choices, self.count_choices, self.position_choices)
         images = _render(rng, attrs, self.image_size)
         captions = _write_captions(rng, attrs, self.captions_per_image)
+        domains = None
+        if len(self.styles) > 1:
+            # own stream (after everything else), so a one-style world is the same as before styles existed
+            style_rng = np.random.default_rng([self.seed, self.SPLITS.index(name), 101])
+            domains = style_rng.integers(0, len(self.styles), n)
+            images = _stylize(images, domains, self.styles)
         self._splits[name] = MultimodalSplit(
             name=name,
             ids=[f"syn-{name}-{i:06d}" for i in range(n)],
@@ -230,6 +252,8 @@ class SyntheticWorld:
             text_labels=torch.from_numpy(attrs["scene"].astype(np.int64)),
             image_classes=list(SHAPES),
             text_classes=list(SCENES),
+            domains=None if domains is None else torch.from_numpy(domains.astype(np.int64)),
+            domain_names=list(self.styles) if domains is not None else [],
         )
         self._attributes[name] = [
             {
@@ -239,6 +263,7 @@ class SyntheticWorld:
                 "position": POSITIONS[attrs["position"][i]],
                 "scene": SCENES[attrs["scene"][i]],
                 "count": int(COUNTS[attrs["count"][i]]),
+                "style": self.styles[int(domains[i])] if domains is not None else self.styles[0],
             }
             for i in range(n)
         ]
@@ -249,15 +274,37 @@ def _check_int(arg: str, value: Any, minimum: int) -> None:
         raise ValueError(f"SyntheticWorld: {arg} must be an int >= {minimum}, got {value!r}")
 
 
-def _sample_attributes(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-    """Independent uniform attributes, so every label is balanced in expectation."""
+def _check_subset(arg: str, values: Any, allowed: tuple[Any, ...]) -> tuple[int, ...]:
+    """Indices into `allowed` of a non-empty, duplicate-free selection of its values."""
+    values = tuple(values) if isinstance(values, list | tuple) else (values,)
+    bad = [v for v in values if v not in allowed]
+    if not values or bad or len(set(values)) != len(values):
+        problem = f"unknown {bad[0]!r}" if bad else ("empty" if not values else "duplicates")
+        raise ValueError(
+            f"SyntheticWorld: {arg} must list distinct values of {list(allowed)} ({problem}), got {list(values)}"
+        )
+    return tuple(allowed.index(v) for v in values)
+
+
+def _sample_attributes(
+    rng: np.random.Generator,
+    n: int,
+    sizes: tuple[int, ...] = (0, 1, 2),
+    counts: tuple[int, ...] = (0, 1, 2),
+    positions: tuple[int, ...] = (0, 1, 2, 3, 4),
+) -> dict[str, np.ndarray]:
+    """Independent uniform attributes, so every label is balanced in expectation.
+
+    `sizes` / `counts` / `positions` are the allowed indices into SIZES / COUNTS / POSITIONS (an easier world draws from fewer);
+    with all of them the draws are exactly those of the world before the options existed.
+    """
     return {
         "shape": rng.integers(0, len(SHAPES), n),
         "colour": rng.integers(0, len(COLOURS), n),
-        "size": rng.integers(0, len(SIZES), n),
-        "position": rng.integers(0, len(POSITIONS), n),
+        "size": np.asarray(sizes)[rng.integers(0, len(sizes), n)],
+        "position": np.asarray(positions)[rng.integers(0, len(positions), n)],
         "scene": rng.integers(0, len(SCENES), n),
-        "count": rng.integers(0, len(COUNTS), n),
+        "count": np.asarray(counts)[rng.integers(0, len(counts), n)],
     }
 
 
@@ -484,6 +531,36 @@ def _stamp(
     a = mask[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0, None]
     region = img[ay0:ay1, ax0:ax1]
     region += a * (rgb - region)
+
+
+def _stylize(images: torch.Tensor, domains: np.ndarray, styles: tuple[str, ...]) -> torch.Tensor:
+    """Row i rendered in visual style styles[domains[i]] (a domain shift that captions do not name)."""
+    out = images.clone()
+    for d, style in enumerate(styles):
+        rows = torch.from_numpy(np.flatnonzero(domains == d))
+        if len(rows):
+            out[rows] = STYLES[style](images[rows])
+    return out
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    y = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).round().clamp(0, 255).to(torch.uint8)
+    return y[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def _faded(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() * 0.4 + 0.6 * 160.0).round().clamp(0, 255).to(torch.uint8)
+
+
+# Visual styles (domains): each is a fixed map of the rendered uint8 image, like the photo / sketch /
+# painting domains of DomainNet-style feature skew. Captions never name the style.
+STYLES: dict[str, Any] = {
+    "photo": lambda x: x,
+    "inverted": lambda x: 255 - x,
+    "grey": _grey,
+    "swapped": lambda x: x[:, [2, 0, 1]],  # channels rotated: red objects look green, ...
+    "faded": _faded,  # low contrast, washed out towards light grey
+}
 
 
 # --- captions -------------------------------------------------------------------------------------------

@@ -63,3 +63,45 @@ def test_layout_round_trips_through_json(tmp_path, train) -> None:
 def test_bad_layouts_are_named(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         FederationLayout(**kwargs)
+
+
+def test_domain_skew_partitions_by_the_rows_style_and_leaves_labels_mixed() -> None:
+    styles = ("photo", "inverted", "grey", "swapped")
+    split = SyntheticWorld(seed=0, n_train=600, n_public=1, n_val=1, n_test=1, styles=styles).split("train")
+    clients = FederationLayout(image=3, text=0, paired=0, local_test_fraction=0.0, skew="domain").build(
+        split, DirichletPartitioner(alpha=0.05, min_partition_size=1), np.random.default_rng(0)
+    )
+    row = {sample_id: i for i, sample_id in enumerate(split.ids)}
+    per_client = []
+    for client in clients:
+        rows = [row[i] for i in client.train_ids]
+        per_client.append(np.bincount(split.domains[rows].numpy(), minlength=4))
+        labels = np.bincount(split.image_labels[rows].numpy(), minlength=10)
+        if len(rows) >= 100:
+            assert labels.max() / labels.sum() < 0.3  # classes stay mixed (10 classes)
+    domains = np.stack(per_client)  # [client, domain]
+    assert (domains.max(axis=0) / domains.sum(axis=0) > 0.6).all()  # each style sits mostly with one client (IID: 1/3)
+
+
+def test_domain_skew_without_domains_names_the_option(train) -> None:
+    with pytest.raises(ValueError, match=r"layout.skew=domain .* data.styles"):
+        FederationLayout(skew="domain").build(train, IidPartitioner(), np.random.default_rng(0))
+
+
+def test_the_bounds_are_layouts_of_the_federations_rows(train) -> None:
+    partitioner, federated = DirichletPartitioner(alpha=0.1, min_partition_size=1), FederationLayout()
+    clients = federated.build(train, partitioner, np.random.default_rng(3))
+    pooled = FederationLayout(pooled=True).build(train, partitioner, np.random.default_rng(3))
+    assert [(c.cid, c.kind) for c in pooled] == [("image-0", "image"), ("text-0", "text"), ("paired-0", "paired")]
+    for spec in pooled:
+        mine = [c for c in clients if c.kind == spec.kind]
+        assert set(spec.train_ids) == {i for c in mine for i in c.train_ids}
+        assert set(spec.test_ids) == {i for c in mine for i in c.test_ids}
+    alone = FederationLayout(only="paired-1").build(train, partitioner, np.random.default_rng(3))
+    assert alone == [c for c in clients if c.cid == "paired-1"]
+    with pytest.raises(ValueError, match=r"layout.only='paired-7' is not a client .* paired-2"):
+        FederationLayout(only="paired-7").build(train, partitioner, np.random.default_rng(3))
+    with pytest.raises(ValueError, match="exclude each other"):
+        FederationLayout(pooled=True, only="image-0")
+    with pytest.raises(ValueError, match="layout.skew must be one of label, domain"):
+        FederationLayout(skew="style")

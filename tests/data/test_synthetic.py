@@ -154,6 +154,10 @@ def test_labels_in_range_and_roughly_balanced(world: SyntheticWorld) -> None:
         ({"n_val": 1.5}, "n_val"),
         ({"n_test": True}, "n_test"),
         ({"captions_per_image": 0}, "captions_per_image"),
+        ({"sizes": ("huge",)}, "sizes"),
+        ({"counts": ()}, "counts"),
+        ({"positions": ("centre", "centre")}, "positions"),
+        ({"styles": ("photo", "sepia")}, "styles"),
     ],
 )
 def test_constructor_validation(kwargs: dict[str, object], arg: str) -> None:
@@ -251,3 +255,45 @@ def test_scene_is_recoverable_from_caption_words(world: SyntheticWorld) -> None:
     pred = (x_val @ log_p.T).argmax(1)
     acc = float((pred == val_labels.numpy()).mean())
     assert acc > 0.99, acc
+
+
+def test_restricted_attributes_change_only_what_they_restrict() -> None:
+    easy = small_world(sizes=("large",), counts=(1,), positions=("centre",))
+    attributes = easy.attributes("train")
+    assert {a["size"] for a in attributes} == {"large"}
+    assert {a["count"] for a in attributes} == {1}
+    assert {a["position"] for a in attributes} == {"centre"}
+    assert len({a["shape"] for a in attributes}) > 5  # the label still varies
+    for caps, a in zip(easy.split("train").captions, attributes, strict=True):
+        assert all(SHAPE_PATTERNS[a["shape"]].search(c) for c in caps)
+
+
+def test_options_at_their_defaults_leave_the_world_as_it_was() -> None:
+    # the same draws as before the options existed: a golden digest of the default world
+    import hashlib
+
+    split = SyntheticWorld(n_train=50, n_public=10, n_val=10, n_test=10).split("train")
+    assert hashlib.md5(split.images.numpy().tobytes()).hexdigest() == "c00c4ca0a082e223f4bd1826b61ae3a0"
+    assert split.domains is None
+
+
+def test_styles_are_maps_of_the_same_rendered_rows() -> None:
+    styles = ("photo", "inverted", "grey", "swapped", "faded")
+    plain, styled = small_world(), small_world(styles=styles)
+    base, out, domains = plain.split("train").images, styled.split("train").images, styled.split("train").domains
+    assert styled.split("train").domain_names == list(styles)
+    assert set(domains.tolist()) == set(range(5))
+    assert [a["style"] for a in styled.attributes("train")] == [styles[d] for d in domains.tolist()]
+    for d, style in enumerate(styles):
+        rows = domains == d
+        if style == "photo":
+            assert torch.equal(out[rows], base[rows])
+        elif style == "inverted":
+            assert torch.equal(out[rows], 255 - base[rows])
+        elif style == "swapped":
+            assert torch.equal(out[rows], base[rows][:, [2, 0, 1]])
+        elif style == "grey":
+            assert torch.equal(out[rows][:, 0], out[rows][:, 1]) and not torch.equal(out[rows], base[rows])
+        else:  # faded: less contrast than the photo
+            assert out[rows].float().std() < 0.5 * base[rows].float().std()
+    assert plain.split("train").captions == styled.split("train").captions  # captions never name the style
