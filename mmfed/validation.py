@@ -96,6 +96,7 @@ def check_run_keys(cfg: DictConfig) -> None:
     _int(cfg, "rounds", minimum=1)
     _int(cfg, "clients_per_round", minimum=1, optional=True)
     _int(cfg, "min_replies", minimum=1, optional=True)
+    _int(cfg, "threads", minimum=1, optional=True)
     for key in ("resume", "quiet"):
         _bool(cfg, key)
     check_name(cfg.get("name"))

@@ -62,6 +62,7 @@ CONFIG_CASES = [
     ("quiet=2", r"config key 'quiet': 2 is not true or false"),
     ("min_replies=0", r"config key 'min_replies': must be >= 1, got 0"),
     ("clients_per_round=0", r"config key 'clients_per_round': must be >= 1, got 0"),
+    ("threads=0", r"config key 'threads': must be >= 1, got 0"),
     ("client_timeout=-3", r"config key .client_timeout.: client_timeout must be a number of seconds > 0"),
     ("+partition_by_kind.audio={_target_:mmfed.data.partition.IIDPartitioner}", r"partition_by_kind.audio"),
     ("flower.num_cpus=0", r"config key 'flower': num_cpus must be > 0"),

@@ -126,7 +126,9 @@ class FederationLayout:
             kept = [c for c in clients if c.cid == self.only]
             if not kept:
                 names = ", ".join(c.cid for c in clients)
-                raise ValueError(f"layout.only={self.only!r} is not a client of this layout; its clients: {names}")
+                raise ValueError(
+                    f"layout.only={self.only!r} is not a client of this layout; its clients: {names}"
+                )
             return kept
         return clients
 

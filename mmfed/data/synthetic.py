@@ -158,8 +158,9 @@ class SyntheticWorld:
     """Deterministic from seed; splits generated on first use and kept in memory.
 
     Options that change the world (each off by default, so the default world stays the same):
-    `sizes` / `counts` / `positions` draw objects from fewer sizes / counts / places (an easier world: `experiment=testbed`
-    uses large single objects so a small model learns the shapes within a minute); `styles` (two or
+    `sizes` / `counts` / `positions` draw objects from fewer sizes / counts / places (an easier
+    world: `experiment=testbed` centres one large object, so a small model learns the shapes within a
+    minute); `styles` (two or
     more of STYLES) renders each row in a style drawn uniformly and records it as the row's domain,
     so `layout.skew=domain` can give clients different visual domains (feature skew) while the
     val/test splits mix all styles.
@@ -281,7 +282,8 @@ def _check_subset(arg: str, values: Any, allowed: tuple[Any, ...]) -> tuple[int,
     if not values or bad or len(set(values)) != len(values):
         problem = f"unknown {bad[0]!r}" if bad else ("empty" if not values else "duplicates")
         raise ValueError(
-            f"SyntheticWorld: {arg} must list distinct values of {list(allowed)} ({problem}), got {list(values)}"
+            f"SyntheticWorld: {arg} must list distinct values of {list(allowed)} ({problem}), "
+            f"got {list(values)}"
         )
     return tuple(allowed.index(v) for v in values)
 
@@ -295,8 +297,9 @@ def _sample_attributes(
 ) -> dict[str, np.ndarray]:
     """Independent uniform attributes, so every label is balanced in expectation.
 
-    `sizes` / `counts` / `positions` are the allowed indices into SIZES / COUNTS / POSITIONS (an easier world draws from fewer);
-    with all of them the draws are exactly those of the world before the options existed.
+    `sizes` / `counts` / `positions` are the allowed indices into SIZES / COUNTS / POSITIONS (an
+    easier world draws from fewer); with all of them the draws are exactly those of the world
+    before the options existed.
     """
     return {
         "shape": rng.integers(0, len(SHAPES), n),

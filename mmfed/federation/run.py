@@ -109,6 +109,8 @@ class Federation:
         self.cfg = cfg
         self.seed = int(cfg.seed)
         self.device = _device(str(cfg.device))
+        if cfg.get("threads") is not None:  # every process that builds the federation (a Flower node too)
+            torch.set_num_threads(int(cfg.threads))
         self.world = instantiate(cfg.data, "data")
         self.num_image_classes = len(self.world.image_classes) or None
         self.num_text_classes = len(self.world.text_classes) or None

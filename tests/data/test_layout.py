@@ -80,7 +80,9 @@ def test_domain_skew_partitions_by_the_rows_style_and_leaves_labels_mixed() -> N
         if len(rows) >= 100:
             assert labels.max() / labels.sum() < 0.3  # classes stay mixed (10 classes)
     domains = np.stack(per_client)  # [client, domain]
-    assert (domains.max(axis=0) / domains.sum(axis=0) > 0.6).all()  # each style sits mostly with one client (IID: 1/3)
+    assert (
+        domains.max(axis=0) / domains.sum(axis=0) > 0.6
+    ).all()  # each style sits mostly with one client (IID: 1/3)
 
 
 def test_domain_skew_without_domains_names_the_option(train) -> None:
@@ -92,7 +94,11 @@ def test_the_bounds_are_layouts_of_the_federations_rows(train) -> None:
     partitioner, federated = DirichletPartitioner(alpha=0.1, min_partition_size=1), FederationLayout()
     clients = federated.build(train, partitioner, np.random.default_rng(3))
     pooled = FederationLayout(pooled=True).build(train, partitioner, np.random.default_rng(3))
-    assert [(c.cid, c.kind) for c in pooled] == [("image-0", "image"), ("text-0", "text"), ("paired-0", "paired")]
+    assert [(c.cid, c.kind) for c in pooled] == [
+        ("image-0", "image"),
+        ("text-0", "text"),
+        ("paired-0", "paired"),
+    ]
     for spec in pooled:
         mine = [c for c in clients if c.kind == spec.kind]
         assert set(spec.train_ids) == {i for c in mine for i in c.train_ids}

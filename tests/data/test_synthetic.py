@@ -280,7 +280,11 @@ def test_options_at_their_defaults_leave_the_world_as_it_was() -> None:
 def test_styles_are_maps_of_the_same_rendered_rows() -> None:
     styles = ("photo", "inverted", "grey", "swapped", "faded")
     plain, styled = small_world(), small_world(styles=styles)
-    base, out, domains = plain.split("train").images, styled.split("train").images, styled.split("train").domains
+    base, out, domains = (
+        plain.split("train").images,
+        styled.split("train").images,
+        styled.split("train").domains,
+    )
     assert styled.split("train").domain_names == list(styles)
     assert set(domains.tolist()) == set(range(5))
     assert [a["style"] for a in styled.attributes("train")] == [styles[d] for d in domains.tolist()]

@@ -13,11 +13,15 @@ def test_environment_names_threads_kernels_and_versions() -> None:
     json.dumps(env, allow_nan=False)  # strict JSON
 
 
-def test_a_run_summary_records_its_environment(tmp_path) -> None:
+def test_a_run_summary_records_its_environment_and_threads_sets_torchs(tmp_path) -> None:
     from mmfed.cli import main
 
-    run = tmp_path / "run"
-    assert main(["train", "experiment=smoke", "rounds=1", "quiet=true", f"run_dir={run}"]) == 0
+    run, before = tmp_path / "run", torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    try:
+        assert main(["train", "experiment=smoke", "rounds=1", "quiet=true", f"threads={want}", f"run_dir={run}"]) == 0
+    finally:
+        torch.set_num_threads(before)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["environment"]["torch_threads"] == torch.get_num_threads()
+    assert summary["environment"]["torch_threads"] == want
     assert summary["environment"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()

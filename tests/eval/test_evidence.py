@@ -1,0 +1,57 @@
+"""The evidence table's arithmetic (eval/evidence.py): paired intervals, verdicts, the local-only row."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "eval"))
+import evidence  # noqa: E402
+
+
+def test_paired_difference_is_per_seed_with_a_t_interval() -> None:
+    # differences 2, 4, 6: mean 4, sd 2, half width t(0.975, 2) * 2 / sqrt(3) = 4.303 * 1.1547 = 4.969
+    mean, lo, hi, n = evidence.paired([12.0, 14.0, 16.0], [10.0, 10.0, 10.0])
+    assert (mean, n) == (4.0, 3)
+    assert lo == pytest.approx(4.0 - 4.9687, abs=1e-3) and hi == pytest.approx(4.0 + 4.9687, abs=1e-3)
+    # seed-to-seed noise shared by both methods cancels: per-seed differences 2, 4, 6 again
+    with_noise = evidence.paired([11.0, 15.0, 16.0], [9.0, 11.0, 10.0])
+    assert with_noise[1] == pytest.approx(lo)
+    assert evidence.paired([1.0, None, 3.0], [0.0, 0.0, None]) is None  # one usable seed: no interval
+
+
+def test_verdicts_follow_the_interval() -> None:
+    assert evidence.verdict((3.0, 1.0, 5.0, 3)) == "reproduced"
+    assert evidence.verdict((-3.0, -5.0, -1.0, 3)) == "contradicted"
+    assert evidence.verdict((1.0, -1.0, 3.0, 3)) == "not reproduced (same direction, interval includes 0)"
+    assert evidence.verdict((-1.0, -3.0, 1.0, 3)) == "not reproduced (interval includes 0)"
+    assert evidence.verdict(None) == "not measured"
+
+
+def test_local_only_row_takes_each_metric_from_the_clients_that_train_it() -> None:
+    per_client = {
+        "image-0": {"test/classification/image/acc": 40.0, "classification/text/acc": 90.0,
+                    "local/image/classification/image/acc/mean": 80.0},
+        "image-1": {"classification/image/acc": 60.0, "local/image/classification/image/acc/mean": 70.0},
+        "text-0": {"classification/text/acc": 50.0, "classification/image/acc": 99.0},
+        "paired-0": {"retrieval/rsum": 120.0, "retrieval/i2t/R@1": 5.0, "classification/image/acc": 99.0,
+                     "local/paired/retrieval/rsum/mean": 300.0},
+    }  # fmt: skip
+    row = evidence.local_only_summary(per_client)
+    assert (
+        row["classification/image/acc"] == 50.0
+    )  # image clients only (the paired client's head is untrained)
+    assert row["classification/text/acc"] == 50.0  # text clients only
+    assert row["retrieval/rsum"] == 120.0 and row["retrieval/i2t/R@1"] == 5.0
+    assert row["local/image/classification/image/acc/mean"] == 75.0
+    assert row["local/paired/retrieval/rsum/mean"] == 300.0
+    assert "local/text/classification/text/acc/mean" not in row
+
+
+def test_every_claim_names_measured_methods_and_settings() -> None:
+    for claim, setting, method, baseline, key, _ in evidence.CLAIMS:
+        for name in (method, baseline):
+            assert setting in evidence.BY_NAME[name].settings, (claim, name, setting)
+        assert key in evidence.COLUMNS.values(), claim
