@@ -29,13 +29,10 @@ RESERVED = ("run_dir", "name")  # set per run by the sweep
 def expand(overrides: list[str]) -> tuple[list[str], list[list[str]], list[list[str]]]:
     """(fixed overrides, every combination's full overrides, every combination's swept overrides)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as error:
-        raise ConfigError(" ".join(str(error).split())) from error
+    from mmfed.validation import parse_overrides
+
+    parsed = parse_overrides(overrides)
     for override in parsed:
         if override.key_or_group in RESERVED:
             raise ConfigError(
