@@ -15,13 +15,13 @@ from mmfed.console import bar_disabled, format_summary, stage_label
 from mmfed.metrics.chance import chance_levels, i2t_recall_chance, t2i_recall_chance
 
 REPO = Path(__file__).resolve().parent.parent
-NEVER_FOR_FEDAVG = ("diffusers", "peft", "open_clip", "flwr", "ray")
+# torchmetrics: its import pulls torchvision and transformers (seconds); evaluation is plain torch
+NEVER_FOR_FEDAVG = ("diffusers", "peft", "open_clip", "flwr", "ray", "torchmetrics")
 # `mmfed config` and its errors compose only: no metric, model-zoo or plotting library either
 NEVER_FOR_CONFIG = (
     *NEVER_FOR_FEDAVG,
     "transformers",
     "torchvision",
-    "torchmetrics",
     "matplotlib",
     "datasets",
 )
@@ -61,12 +61,21 @@ def test_config_of_every_algorithm_and_a_config_error_import_no_heavy_library() 
 
 @pytest.mark.slow
 def test_a_fedavg_run_imports_no_heavy_library_and_prints_a_short_table(tmp_path: Path) -> None:
-    """A tiny FedAvg federation, as `mmfed train` run into a log: one line per round, then the table."""
+    """A tiny FedAvg federation, as `mmfed train` run into a log: one line per round, then the table.
+
+    The same process first checks the config (the start-up path, `mmfed config`): nothing of
+    NEVER_FOR_CONFIG is loaded by then, and nothing of NEVER_FOR_FEDAVG (torchmetrics included) by
+    the end of both runs.
+    """
     quiet, verbose = tmp_path / "quiet", tmp_path / "verbose"
     result = _python(
         f"""
-        import json, sys
+        import contextlib, io, json, sys
         from mmfed.cli import main
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["config", "experiment=smoke", "quiet=true", "run_dir={quiet}"]) == 0
+        at_start = [m for m in {NEVER_FOR_CONFIG!r} if m in sys.modules]
+        assert not at_start, f"mmfed config imported {{at_start}}"
         assert main(["train", "experiment=smoke", "quiet=true", "run_dir={quiet}"]) == 0
         print("=== verbose", file=sys.stderr, flush=True)
         print("=== verbose", flush=True)
