@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfed.config import ConfigError
-from mmfed.utils.io import save_json
+from mmfed.utils.io import save_json, summary_metric
 
 RESERVED = ("run_dir", "name")  # set per run by the sweep
 
@@ -79,7 +79,7 @@ def run_sweep(overrides: list[str], config_path: str | None = None) -> int:
             cfg = compose([*combo, *placed], config_path)  # sweep_dir recorded: a resumed sweep matches
             summary = train(cfg)
             metric = summary.get("selection_metric")
-            entry.update(status="ok", selection_metric=metric, test=summary.get(metric))
+            entry.update(status="ok", selection_metric=metric, test=summary_metric(summary, metric))
         except Exception as error:  # one run's failure must not stop the sweep
             entry.update(status="failed", error=_one_line(error))
             folder.mkdir(parents=True, exist_ok=True)
