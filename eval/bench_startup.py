@@ -2,8 +2,8 @@
 
 Every command runs in a fresh interpreter (imports are what is measured), interleaved with the two
 references `python -c pass` and `python -c "import torch"`, `--repeats` times; the table gives the
-median wall time of each and its ratio to the torch import. On a loaded machine the absolute
-numbers swing, the ratios much less.
+median wall time and the median CPU time (user + system of the child) of each, and their ratios to
+the torch import. On a loaded machine the wall times swing; CPU times and the ratios much less.
 
     python eval/bench_startup.py [--repeats 5]
 """
@@ -11,6 +11,7 @@ numbers swing, the ratios much less.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -26,26 +27,37 @@ COMMANDS: dict[str, list[str]] = {
 }
 
 
-def _seconds(args: list[str]) -> float:
+def _seconds(args: list[str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one fresh interpreter running `args`."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     subprocess.run([sys.executable, *args], capture_output=True, check=False)
-    return time.perf_counter() - began
+    wall = time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    times: dict[str, list[float]] = {name: [] for name in COMMANDS}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in COMMANDS}
     for _ in range(args.repeats):
         for name, command in COMMANDS.items():  # interleaved: load changes hit every command alike
             times[name].append(_seconds(command))
-    torch_seconds = statistics.median(times["python -c 'import torch'"])
+
+    def medians(name: str) -> tuple[float, float]:
+        return tuple(statistics.median(v[i] for v in times[name]) for i in (0, 1))  # type: ignore[return-value]
+
+    torch_wall, torch_cpu = medians("python -c 'import torch'")
     width = max(map(len, COMMANDS))
-    print(f"{'command':<{width}}  median s  x import torch   (median of {args.repeats}, interleaved)")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:<{width}}  {median:8.2f}  {median / torch_seconds:13.2f}")
+    print(
+        f"{'command':<{width}}  wall s  x import torch  CPU s  x import torch   "
+        f"(medians of {args.repeats}, interleaved)"
+    )
+    for name in times:
+        wall, cpu = medians(name)
+        print(f"{name:<{width}}  {wall:6.2f}  {wall / torch_wall:13.2f}  {cpu:5.2f}  {cpu / torch_cpu:13.2f}")
 
 
 if __name__ == "__main__":

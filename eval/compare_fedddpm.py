@@ -30,6 +30,8 @@ from typing import Any
 
 from runs import cell, table_header, train_run  # eval/runs.py (the scripts run as `python eval/<script>.py`)
 
+from mmfed.utils.io import summary_metric
+
 COMMON = ["evaluation.selection_metric=classification/image/acc"]
 METHODS: dict[str, list[str]] = {
     "fedavg": ["experiment=compare"],
@@ -143,9 +145,9 @@ def mean(values: list[float]) -> str:
 
 
 COLUMNS = {
-    "img acc (test)": ("classification/image/acc", 1, 1.0),
-    "txt acc (test)": ("classification/text/acc", 1, 1.0),
-    "RSum (test)": ("retrieval/rsum", 1, 1.0),
+    "img acc (test)": ("test/classification/image/acc", 1, 1.0),
+    "txt acc (test)": ("test/classification/text/acc", 1, 1.0),
+    "RSum (test)": ("test/retrieval/rsum", 1, 1.0),
     "corrections": ("corrections", 1, 1.0),
     "client diffusion s": ("cost/client_diffusion_seconds", 0, 1.0),
     "upload MB": ("cost/upload_bytes", 2, 1e-6),
@@ -193,7 +195,7 @@ def main() -> None:
             summaries = [results[(method, alpha, seed)] for seed in args.seeds]
             row = {
                 name: [
-                    float(s.get(key, 0.0 if key.startswith("cost/") else float("nan"))) * scale
+                    float(summary_metric(s, key, 0.0 if key.startswith("cost/") else float("nan"))) * scale
                     for s in summaries
                 ]
                 for name, (key, _, scale) in COLUMNS.items()

@@ -19,7 +19,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runs import cell, table_header, train_run
+from runs import cell, table_header, train_run, values
 
 METHODS: dict[str, list[str]] = {
     "fedavg": ["experiment=compare"],
@@ -35,11 +35,11 @@ METHODS: dict[str, list[str]] = {
 }
 GUIDED = [m for m in METHODS if m != "fedavg"]
 COLUMNS = {
-    "i2t R@1": "retrieval/i2t/R@1",
-    "t2i R@1": "retrieval/t2i/R@1",
-    "RSum": "retrieval/rsum",
-    "img acc": "classification/image/acc",
-    "txt acc": "classification/text/acc",
+    "i2t R@1": "test/retrieval/i2t/R@1",
+    "t2i R@1": "test/retrieval/t2i/R@1",
+    "RSum": "test/retrieval/rsum",
+    "img acc": "test/classification/image/acc",
+    "txt acc": "test/classification/text/acc",
 }
 
 
@@ -129,7 +129,7 @@ def main() -> None:
         for method in args.methods:
             for teacher in ["pretrained"] if method == "fedavg" else args.teachers:
                 summaries = [results[(method, teacher, alpha, seed)] for seed in args.seeds]
-                row = {name: [s[key] for s in summaries if key in s] for name, key in COLUMNS.items()}
+                row = {name: values(summaries, key) for name, key in COLUMNS.items()}
                 row["wall"] = [s["_wall"] for s in summaries]
                 table[f"{method}/{teacher}@{alpha}"] = row
                 shown = "-" if method == "fedavg" else teacher

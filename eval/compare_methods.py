@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from runs import cell, table_header, train_run
+from runs import cell, table_header, train_run, values
 
 METHODS: dict[str, list[str]] = {
     "fedavg": ["experiment=compare"],
@@ -26,11 +26,11 @@ METHODS: dict[str, list[str]] = {
     "fedafd-uniform": ["experiment=[compare,fedafd_uniform]"],
 }
 COLUMNS = {
-    "i2t R@1": "retrieval/i2t/R@1",
-    "t2i R@1": "retrieval/t2i/R@1",
-    "RSum": "retrieval/rsum",
-    "img acc (global)": "classification/image/acc",
-    "txt acc (global)": "classification/text/acc",
+    "i2t R@1": "test/retrieval/i2t/R@1",
+    "t2i R@1": "test/retrieval/t2i/R@1",
+    "RSum": "test/retrieval/rsum",
+    "img acc (global)": "test/classification/image/acc",
+    "txt acc (global)": "test/classification/text/acc",
     "img acc (clients)": "local/image/classification/image/acc/mean",
     "txt acc (clients)": "local/text/classification/text/acc/mean",
 }
@@ -62,7 +62,7 @@ def main() -> None:
         lines += table_header(f"Dirichlet alpha = {alpha}", ["method", *COLUMNS])
         for method in args.methods:
             summaries = [run(method, alpha, seed, runs) for seed in args.seeds]
-            row = {name: [s[key] for s in summaries if key in s] for name, key in COLUMNS.items()}
+            row = {name: values(summaries, key) for name, key in COLUMNS.items()}
             table[f"{method}@{alpha}"] = row
             lines.append(f"| {method} | " + " | ".join(cell(v) for v in row.values()) + " |")
         lines.append("")

@@ -1,7 +1,9 @@
 """What the comparison scripts share: run one `mmfed train` in its own process (reused when its
-summary exists, resumed when it was interrupted) and format mean ± std cells.
+summary exists, resumed when it was interrupted), read its metrics and format mean ± std cells.
 
-The scripts run as ``python eval/<script>.py``, so this module is importable as ``runs``.
+The scripts run as ``python eval/<script>.py``, so this module is importable as ``runs``. Summaries
+written before the ``test/`` prefix (test metrics unprefixed) are read too: `values` goes through
+`mmfed.utils.io.summary_metric`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mmfed.utils.io import summary_metric
 
 
 def train_run(folder: Path, overrides: list[str], label: str) -> dict:
@@ -36,6 +40,13 @@ def train_run(folder: Path, overrides: list[str], label: str) -> dict:
     if wall.exists():
         result["_wall"] = float(wall.read_text())
     return result
+
+
+def values(summaries: list[dict], key: str) -> list[float]:
+    """`key` (``test/retrieval/rsum``, ``local/...``; a bare ``retrieval/rsum`` means its test value) of
+    each summary that has it, old or new format."""
+    found = (summary_metric(summary, key) for summary in summaries)
+    return [float(value) for value in found if value is not None]
 
 
 def cell(values: list[float], digits: int = 1) -> str:

@@ -9,7 +9,6 @@ reported as one line naming the bad key, value or file, with exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -46,8 +45,9 @@ def _report(args: argparse.Namespace) -> int:
     summary = Path(args.run_dir) / "summary.json"
     if summary.exists():  # a finished run: its table (every number stays in summary.json)
         from mmfed.console import format_summary
+        from mmfed.utils.io import read_summary
 
-        print(format_summary(json.loads(summary.read_text()), args.run_dir))
+        print(format_summary(read_summary(summary), args.run_dir))
     return 0
 
 

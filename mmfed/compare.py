@@ -21,17 +21,18 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mmfed.utils.io import load_json, save_json
+from mmfed.utils.io import read_summary, save_json, summary_key
 
 NOT_A_SETTING = ("name", "run_dir", "sweep_dir", "resume", "quiet", "logger", "wandb_project")
 SEED = "seed"
-# Final metrics shown by default (those present); --metrics takes glob patterns instead.
+# Final metrics shown by default (those present); --metrics takes glob patterns instead (a bare
+# metric, e.g. retrieval/*, means its test/ key). Old summaries are read in the current keys.
 DEFAULT_METRICS = (
-    "retrieval/rsum",
-    "retrieval/i2t/R@1",
-    "retrieval/t2i/R@1",
-    "classification/image/acc",
-    "classification/text/acc",
+    "test/retrieval/rsum",
+    "test/retrieval/i2t/R@1",
+    "test/retrieval/t2i/R@1",
+    "test/classification/image/acc",
+    "test/classification/text/acc",
     "local/*/acc/mean",
 )
 DEFAULT_CURVES = ("val/*", "train/loss")
@@ -135,11 +136,11 @@ def compare_runs(
     unfinished: list[str] = []
     for run, config in zip(runs, configs, strict=True):
         if (run / "summary.json").exists():
-            finished.append((run, config, _numbers(load_json(run / "summary.json"))))
+            finished.append((run, config, _numbers(read_summary(run / "summary.json"))))
         else:
             unfinished.append(str(run))
     names = sorted({k for _, _, s in finished for k in s})
-    shown = _pick(names, metrics or DEFAULT_METRICS)
+    shown = _pick(names, [summary_key(p) for p in metrics] if metrics else DEFAULT_METRICS)
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     for run, config, summary in finished:
         label = tuple(f"{k}={setting(config, k)}" for k in keys)

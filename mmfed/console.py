@@ -19,7 +19,7 @@ from typing import Any
 
 log = logging.getLogger("mmfed")
 
-# The test metrics of the table, in this order (those the run reports).
+# The test metrics of the table, in this order (those the run reports; summary.json: test/<metric>).
 TABLE_METRICS = (
     "retrieval/i2t/R@1",
     "retrieval/i2t/R@5",
@@ -31,7 +31,7 @@ TABLE_METRICS = (
     "classification/image/acc",
     "classification/text/acc",
 )
-CHANCE_PREFIX = "chance/"  # summary.json: chance level of a test metric, e.g. chance/retrieval/rsum
+CHANCE_PREFIX = "chance/"  # summary.json: chance level of test/<metric>, e.g. chance/retrieval/rsum
 LOCAL_METRICS = ("classification/image/acc", "classification/text/acc", "retrieval/rsum")
 
 
@@ -80,7 +80,12 @@ def _megabytes(value: float) -> str:
 
 
 def format_summary(summary: dict[str, Any], run_dir: str | Path, total_seconds: float | None = None) -> str:
-    """The end-of-run table: test metrics of the best-validation round beside chance, time, files."""
+    """The end-of-run table: test metrics of the best-validation round beside chance, time, files.
+
+    `summary` of either format (an old run's `mmfed report`: test metrics unprefixed)."""
+    from mmfed.utils.io import TEST_PREFIX, upgrade_summary
+
+    summary = upgrade_summary(summary)
     run = Path(run_dir)
     rounds, best = summary.get("rounds"), summary.get("best_round")
     selection = summary.get("selection_metric", "")
@@ -93,15 +98,19 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path, total_seconds: 
     if best_value is not None:
         chosen += f", best validation {selection} = {best_value:.2f}"
     lines.append(f"test split, {chosen}:")
-    rows = [key for key in TABLE_METRICS if key in summary]
-    rows += sorted(k for k in summary if k.startswith("test/") and k.endswith(("/rsum", "/acc")))
+    rows = [key for key in TABLE_METRICS if TEST_PREFIX + key in summary]  # metric names less test/
+    rows += sorted(
+        name
+        for name in (k.removeprefix(TEST_PREFIX) for k in summary if k.startswith(TEST_PREFIX))
+        if name not in TABLE_METRICS and name.endswith(("/rsum", "/acc"))  # named protocols: coco-1k/...
+    )
     width = max((len(k) for k in rows), default=6)
     if rows:
         lines.append(f"  {'metric':<{width}}  {'test':>7}  {'chance':>7}")
         for key in rows:
             chance = summary.get(CHANCE_PREFIX + key)
             shown = f"{chance:7.2f}" if isinstance(chance, int | float) else f"{'':>7}"
-            lines.append(f"  {key:<{width}}  {float(summary[key]):7.2f}  {shown}")
+            lines.append(f"  {key:<{width}}  {float(summary[TEST_PREFIX + key]):7.2f}  {shown}")
     else:
         lines.append("  (the global model reports no test metric: see the per-client lines)")
     local = [

@@ -59,8 +59,8 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, model: MultimodalModel, split: MultimodalSplit) -> dict[str, float]:
-        # imported here: torchmetrics imports torchvision, transformers and matplotlib (seconds), which
-        # `mmfed config` (it registers this class) should not pay
+        # imported here: `mmfed config` registers this class and needs no metric (plain torch, no
+        # torchmetrics: see mmfed.metrics.classification)
         from mmfed.metrics import classification_accuracy, retrieval_protocol
 
         was_training = model.training
@@ -185,7 +185,7 @@ def evaluate_protocol(
                 f"protocol {protocol.name}: split '{split.name}' has {n} images, fewer than two folds of "
                 f"fold_size={folds}; use a smaller fold_size"
             )
-        from mmfed.metrics import retrieval_protocol  # torchmetrics: seconds, so only once data is there
+        from mmfed.metrics import retrieval_protocol
 
         scores = retrieval_protocol(
             image_emb, text_emb, rows, ks=ks, fold_size=folds or n + 1, chunk_size=chunk_size, backend=backend

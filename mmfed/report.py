@@ -25,7 +25,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 from mmfed.console import CHANCE_PREFIX  # noqa: E402  (summary.json: chance level of a test metric)
-from mmfed.utils.io import read_metrics_file  # noqa: E402
+from mmfed.utils.io import TEST_PREFIX, read_metrics_file, upgrade_summary  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Panel:
     axes: tuple[tuple[str, tuple[str, ...]], ...]  # (subplot title, metrics.jsonl keys: one curve each)
     ylabel: str
     title: str
-    test_values: bool = True  # star the test value of the chosen model (summary key = key less "val/")
+    test_values: bool = True  # star the test value of the chosen model (summary: "test/" + key less "val/")
     chance: bool = False  # dotted chance line per curve (summary "chance/<key less val/>")
 
 
@@ -74,14 +74,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any]:
-    """summary.json of a finished run; empty for a run still going (no test values to draw yet)."""
+    """summary.json of a finished run, of either format, in the current keys (test/...); empty for a
+    run still going (no test values to draw yet)."""
     path = Path(run_dir) / "summary.json"
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
+        summary = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not a JSON object ({error.msg})") from error
+    return upgrade_summary(summary) if isinstance(summary, dict) else summary
 
 
 def _label(key: str) -> str:
@@ -127,15 +129,16 @@ def _draw(ax: Any, panel: Panel, keys: list[str], records: list[dict], summary: 
     starred = chance_drawn = False
     for color, key in zip(COLORS, keys, strict=False):
         points = [(r["round"], r[key]) for r in records if key in r]
-        test_key = key.removeprefix("val/")
+        metric = key.removeprefix("val/")
+        test_key = TEST_PREFIX + metric
         label = _label(key)
         if panel.test_values and best is not None and test_key in summary:
             label += f" (test {summary[test_key]:.1f})"
             ax.plot([best], [summary[test_key]], color=color, marker="*", markersize=11, linestyle="none")
             starred = True
         ax.plot(*zip(*points, strict=True), color=color, marker="o", markersize=3, label=label)
-        if panel.chance and CHANCE_PREFIX + test_key in summary:
-            ax.axhline(summary[CHANCE_PREFIX + test_key], color=color, linestyle=":", linewidth=1.2)
+        if panel.chance and CHANCE_PREFIX + metric in summary:
+            ax.axhline(summary[CHANCE_PREFIX + metric], color=color, linestyle=":", linewidth=1.2)
             chance_drawn = True
     handles, labels = ax.get_legend_handles_labels()
     if starred:
@@ -150,7 +153,9 @@ def _draw(ax: Any, panel: Panel, keys: list[str], records: list[dict], summary: 
 def panel_figure(
     name: str, records: list[dict], summary: dict[str, Any], run_dir: str | Path
 ) -> Figure | None:
-    """The figure of one panel of `PANELS` (None when the run logged none of its keys)."""
+    """The figure of one panel of `PANELS` (None when the run logged none of its keys); `summary` of
+    either format."""
+    summary = upgrade_summary(summary)
     panel = PANELS[name]
     groups = [(title, [k for k in keys if any(k in r for r in records)]) for title, keys in panel.axes]
     groups = [(title, keys) for title, keys in groups if keys]

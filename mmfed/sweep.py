@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfed.config import ConfigError
-from mmfed.utils.io import save_json
+from mmfed.utils.io import save_json, summary_metric
 
 RESERVED = ("run_dir", "name")  # set per run by the sweep
 
@@ -29,13 +29,10 @@ RESERVED = ("run_dir", "name")  # set per run by the sweep
 def expand(overrides: list[str]) -> tuple[list[str], list[list[str]], list[list[str]]]:
     """(fixed overrides, every combination's full overrides, every combination's swept overrides)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as error:
-        raise ConfigError(" ".join(str(error).split())) from error
+    from mmfed.validation import parse_overrides
+
+    parsed = parse_overrides(overrides)
     for override in parsed:
         if override.key_or_group in RESERVED:
             raise ConfigError(
@@ -82,7 +79,7 @@ def run_sweep(overrides: list[str], config_path: str | None = None) -> int:
             cfg = compose([*combo, *placed], config_path)  # sweep_dir recorded: a resumed sweep matches
             summary = train(cfg)
             metric = summary.get("selection_metric")
-            entry.update(status="ok", selection_metric=metric, test=summary.get(metric))
+            entry.update(status="ok", selection_metric=metric, test=summary_metric(summary, metric))
         except Exception as error:  # one run's failure must not stop the sweep
             entry.update(status="failed", error=_one_line(error))
             folder.mkdir(parents=True, exist_ok=True)

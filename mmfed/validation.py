@@ -30,6 +30,55 @@ def presets(configs: Path) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
+def parse_overrides(overrides: list[str]) -> list[Any]:
+    """Hydra's parse of ``key=value`` overrides; a malformed one is one line naming it.
+
+    Why: Hydra raises its parse error (``mismatched input '=' expecting <EOF>`` for
+    ``run_dir=a=b``) outside the composition errors, so it reached the user as a traceback. Hydra
+    does read a quoted value (``run_dir='a=b'``); the message advises that form when it parses.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    try:
+        return parser.parse_overrides(overrides)
+    except OverrideParseException:
+        pass  # find the override at fault, outside the handler (one line, not Hydra's chain)
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as error:
+            value = override.partition("=")[2]
+            reason = "'=' in a value needs quotes" if "=" in value else str(error).splitlines()[0].strip()
+            raise ConfigError(f"override {override!r}: {reason}{_quoting_advice(override, parser)}") from None
+    raise ConfigError(f"overrides {overrides!r}: Hydra cannot parse them together")
+
+
+def _quoting_advice(override: str, parser: Any) -> str:
+    """``; Hydra reads a quoted value: key='a=b' (in a shell: "key='a=b'")``, when that quoted form
+    parses back to the value as typed; otherwise nothing (no advice that would not work)."""
+    import shlex
+
+    from hydra.errors import OverrideParseException
+
+    key, sep, value = override.partition("=")
+    if not sep or not key or not value or value[0] in "'\"" or "\\" in value:
+        return ""
+    quote = "'" if "'" not in value else '"'
+    if quote in value:
+        return ""
+    quoted = f"{key}={quote}{value}{quote}"
+    try:
+        parsed = parser.parse_overrides([quoted])[0]
+    except OverrideParseException:
+        return ""
+    if parsed.value() != value:
+        return ""
+    shell = f'"{quoted}"' if not any(c in quoted for c in '"$`!\\') else shlex.quote(quoted)
+    return f"; Hydra reads a quoted value: {quoted} (in a shell: {shell})"
+
+
 def check_overrides(overrides: list[str], configs: Path) -> None:
     """Unknown experiment presets are an error listing the presets.
 
@@ -37,13 +86,7 @@ def check_overrides(overrides: list[str], configs: Path) -> None:
     optional group entry it cannot find: ``experiment=bogus`` silently ran the default federation
     and ``experiment=[smoke,bogus]`` silently dropped ``bogus``.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except OverrideParseException:
-        return  # Hydra's own composition reports a malformed override, naming it
+    parsed = parse_overrides(overrides)
     known = presets(configs)
     for override in parsed:
         if override.key_or_group != "experiment" or override.is_delete():

@@ -70,6 +70,8 @@ CONFIG_CASES = [
     ("nonsense=1", r"config key 'nonsense'"),
     ("training.lr=fast", r"config key 'training.lr'"),
     ("partition=bogus", r"Could not find 'partition/bogus'"),
+    ("name=a=b", r"^mmfed: error: override 'name=a=b': '=' in a value needs quotes; .*name='a=b'"),
+    ("rounds=(3", r"^mmfed: error: override 'rounds=\(3': Error parsing override"),
 ]
 
 
@@ -100,6 +102,22 @@ def test_train_only_checks_write_nothing(
     assert main(["train", *SMOKE, f"run_dir={run_dir}", override]) == 2
     assert re.search(message, _error(capsys))
     assert not run_dir.exists()
+
+
+def test_a_value_with_an_equals_sign_is_one_line_whose_quoted_form_composes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Hydra cannot parse ``run_dir=a=b`` (it was a traceback); the error's shell form composes."""
+    import shlex
+
+    wanted = tmp_path / "a=b"
+    for command in (["config"], ["train"], ["train", "-m", "seed=0,1"]):
+        assert main([*command, *SMOKE, f"run_dir={wanted}"]) == 2
+        line = _error(capsys)
+        assert line.startswith(f"mmfed: error: override 'run_dir={wanted}': '=' in a value needs quotes")
+    advised = shlex.split(re.search(r"\(in a shell: (.*)\)$", line).group(1))
+    assert main(["config", *SMOKE, *advised]) == 0
+    assert f"run_dir: {wanted}\n" in capsys.readouterr().out
 
 
 def test_good_presets_and_lists_of_presets_compose(capsys: pytest.CaptureFixture[str]) -> None:

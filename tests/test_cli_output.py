@@ -15,13 +15,13 @@ from mmfed.console import bar_disabled, format_summary, stage_label
 from mmfed.metrics.chance import chance_levels, i2t_recall_chance, t2i_recall_chance
 
 REPO = Path(__file__).resolve().parent.parent
-NEVER_FOR_FEDAVG = ("diffusers", "peft", "open_clip", "flwr", "ray")
+# torchmetrics: its import pulls torchvision and transformers (seconds); evaluation is plain torch
+NEVER_FOR_FEDAVG = ("diffusers", "peft", "open_clip", "flwr", "ray", "torchmetrics")
 # `mmfed config` and its errors compose only: no metric, model-zoo or plotting library either
 NEVER_FOR_CONFIG = (
     *NEVER_FOR_FEDAVG,
     "transformers",
     "torchvision",
-    "torchmetrics",
     "matplotlib",
     "datasets",
 )
@@ -61,12 +61,21 @@ def test_config_of_every_algorithm_and_a_config_error_import_no_heavy_library() 
 
 @pytest.mark.slow
 def test_a_fedavg_run_imports_no_heavy_library_and_prints_a_short_table(tmp_path: Path) -> None:
-    """A tiny FedAvg federation, as `mmfed train` run into a log: one line per round, then the table."""
+    """A tiny FedAvg federation, as `mmfed train` run into a log: one line per round, then the table.
+
+    The same process first checks the config (the start-up path, `mmfed config`): nothing of
+    NEVER_FOR_CONFIG is loaded by then, and nothing of NEVER_FOR_FEDAVG (torchmetrics included) by
+    the end of both runs.
+    """
     quiet, verbose = tmp_path / "quiet", tmp_path / "verbose"
     result = _python(
         f"""
-        import json, sys
+        import contextlib, io, json, sys
         from mmfed.cli import main
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["config", "experiment=smoke", "quiet=true", "run_dir={quiet}"]) == 0
+        at_start = [m for m in {NEVER_FOR_CONFIG!r} if m in sys.modules]
+        assert not at_start, f"mmfed config imported {{at_start}}"
         assert main(["train", "experiment=smoke", "quiet=true", "run_dir={quiet}"]) == 0
         print("=== verbose", file=sys.stderr, flush=True)
         print("=== verbose", flush=True)
@@ -125,10 +134,11 @@ def test_the_table_names_the_round_the_metrics_and_where_files_are(tmp_path: Pat
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "rsum.png").write_bytes(b"")
     summary = {
-        "retrieval/i2t/R@1": 59.3999981880188,
-        "retrieval/rsum": 120.0,
+        "test/retrieval/i2t/R@1": 59.3999981880188,
+        "test/retrieval/rsum": 120.0,
         "chance/retrieval/rsum": 52.14,
-        "classification/image/acc": 40.0,
+        "test/classification/image/acc": 40.0,
+        "test/coco-1k/retrieval/rsum": 80.0,  # a named test protocol (composite data)
         "local/image/classification/image/acc/mean": 35.0,
         "local/image/classification/image/acc/std": 1.5,
         "rounds": 12,
@@ -146,7 +156,13 @@ def test_the_table_names_the_round_the_metrics_and_where_files_are(tmp_path: Pat
     assert "120.00    52.14" in text
     assert "image   classification/image/acc" in text and "35.00 ± 1.50" in text
     assert "2.4 MB up" in text and str(tmp_path / "plots") in text
-    assert len(text.splitlines()) < 15
+    assert "  coco-1k/retrieval/rsum" in text and "80.00" in text
+    assert len(text.splitlines()) < 16
+    # `mmfed report` on a run written before the test/ prefix: the same table
+    bare = ("test/retrieval/", "test/classification/")  # not test/coco-1k/...: that key is unchanged
+    old = {(k.removeprefix("test/") if k.startswith(bare) else k): v for k, v in summary.items()}
+    assert "classification/image/acc" in old and "test/retrieval/rsum" not in old
+    assert format_summary(old, tmp_path, total_seconds=90.0) == text
 
 
 def test_bars_only_on_a_terminal_and_stage_names() -> None:

@@ -28,9 +28,11 @@ def _run(folder: Path, terms: dict, seed: int, final: float, curve: list[float],
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     lines = [{"round": r, "val/retrieval/rsum": v, "train/loss": 1 / r} for r, v in enumerate(curve, 1)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    if done:
-        summary = {"retrieval/rsum": final, "classification/image/acc": 50.0 + seed, "rounds": 2,
-                   "selection_metric": "retrieval/rsum", "clients": {"image-0": {"acc": 1.0}}}  # fmt: skip
+    if done:  # seed 0: summary.json as written now; seed 1: as before the test/ prefix
+        prefix = "test/" if seed == 0 else ""
+        summary = {f"{prefix}retrieval/rsum": final, f"{prefix}classification/image/acc": 50.0 + seed,
+                   "rounds": 2, "selection_metric": "retrieval/rsum",
+                   "clients": {"image-0": {"acc": 1.0}}}  # fmt: skip
         (folder / "summary.json").write_text(json.dumps(summary))
     return folder
 
@@ -54,10 +56,11 @@ def test_groups_mean_and_std_over_seeds(sweep: Path) -> None:
     result = compare_runs([sweep])
     rows = {row["group"]: row for row in result["groups"]}
     assert set(rows) == {"algorithm.loss_terms=image_ce", "algorithm.loss_terms=image_ce,prox"}
-    fedavg = rows["algorithm.loss_terms=image_ce"]["metrics"]["retrieval/rsum"]
+    assert result["metrics"] == ["test/retrieval/rsum", "test/classification/image/acc"]  # both formats
+    fedavg = rows["algorithm.loss_terms=image_ce"]["metrics"]["test/retrieval/rsum"]
     assert fedavg["mean"] == 12.0 and fedavg["n"] == 2
     assert fedavg["std"] == pytest.approx(math.sqrt(((10 - 12) ** 2 + (14 - 12) ** 2) / 1))  # ddof 1: 2.83
-    prox = rows["algorithm.loss_terms=image_ce,prox"]["metrics"]["classification/image/acc"]
+    prox = rows["algorithm.loss_terms=image_ce,prox"]["metrics"]["test/classification/image/acc"]
     assert prox["mean"] == 50.5 and prox["std"] == pytest.approx(math.sqrt(0.5))
     assert rows["algorithm.loss_terms=image_ce"]["seeds"] == [0, 1]
     assert result["unfinished"] == [str(sweep / "9")]
@@ -75,9 +78,11 @@ def test_curves_and_files(sweep: Path, tmp_path: Path) -> None:
 
 
 def test_cli_compare_and_bad_folder(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["compare", str(sweep / "0"), str(sweep / "2"), "--out", str(tmp_path / "c"),
-                 "--metrics", "retrieval/*"]) == 0  # fmt: skip
-    printed = capsys.readouterr().out
-    assert "| algorithm.loss_terms=image_ce,prox | 1 | 20.00 ± 0.00 |" in printed
+    for metrics in ("retrieval/*", "test/retrieval/*"):  # a bare metric means its test/ key
+        assert main(["compare", str(sweep / "0"), str(sweep / "2"), "--out", str(tmp_path / "c"),
+                     "--metrics", metrics]) == 0  # fmt: skip
+        printed = capsys.readouterr().out
+        assert "| group | runs | test/retrieval/rsum |" in printed
+        assert "| algorithm.loss_terms=image_ce,prox | 1 | 20.00 ± 0.00 |" in printed
     assert main(["compare", str(tmp_path / "nothing")]) == 2
     assert "is neither a run folder" in capsys.readouterr().err

@@ -55,3 +55,54 @@ def test_defaults_live_in_the_signature() -> None:
 def test_every_experiment_preset_composes(preset: str) -> None:
     cfg = compose([f"experiment={preset}"])
     assert cfg.algorithm.server_steps
+
+
+DEFERRED_CASES = [
+    [],
+    ["algorithm=fedafd"],
+    ["experiment=[smoke,fedddpm]", "partition=iid"],
+    ["experiment=[compare,feddifrc]", "model/text_encoder=gru", "training.lr=0.5"],
+]
+
+
+def test_deferred_structured_configs_compose_as_eagerly_stored_ones() -> None:
+    """`register` puts a `_DeferredNode` into Hydra's ConfigStore (built on first read); stored the
+    ordinary way (`ConfigStore.store`, built at once), every case composes to the same config and a
+    wrong value fails with the same line."""
+    from hydra.core.config_store import ConfigStore
+
+    from mmfed.config import REGISTRY, ConfigError, _DeferredNode
+
+    def outcomes() -> list[str]:
+        texts = [OmegaConf.to_yaml(compose(case)) for case in DEFERRED_CASES]
+        with pytest.raises(ConfigError) as error:
+            compose(["training.lr=fast"])
+        return [*texts, str(error.value)]
+
+    deferred = outcomes()
+    store = ConfigStore.instance()
+    kept = {(g, n): store._load(f"{g}/{n}.yaml") for g, names in REGISTRY.items() for n in names}
+    assert all(isinstance(node, _DeferredNode) for node in kept.values())
+    try:
+        for (group, name), node in kept.items():
+            store.store(group=group, name=name, node=node_for(node._target))
+        eager = outcomes()
+    finally:
+        for (group, name), node in kept.items():
+            store._open(group)[f"{name}.yaml"] = node
+    assert deferred == eager
+
+
+def test_a_composition_builds_only_the_options_it_selects() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from mmfed.config import REGISTRY
+
+    store = ConfigStore.instance()
+    nodes = [store._load(f"{g}/{n}.yaml") for g, names in REGISTRY.items() for n in names]
+    for node in nodes:  # as in a fresh process (earlier tests here composed other options)
+        node._built.clear()
+    compose(["experiment=smoke"])
+    built = {f"{node.group}/{node.name}" for node in nodes if node._built}
+    assert {"partition/dirichlet.yaml", "server_step/fedavg.yaml"} <= built
+    assert "model/image_encoder/open_clip.yaml" not in built and len(built) < len(nodes) / 2

@@ -26,12 +26,14 @@ SUMMARY = {
     "best_round": 2,
     "rounds": 3,
     "selection_metric": "retrieval/rsum",
-    "retrieval/i2t/R@10": 91.5,
-    "retrieval/rsum": 95.0,
+    "test/retrieval/i2t/R@10": 91.5,
+    "test/retrieval/rsum": 95.0,
     "chance/retrieval/rsum": 52.1,
-    "classification/image/acc": 21.0,
+    "test/classification/image/acc": 21.0,
     "chance/classification/image/acc": 10.0,
 }
+# summary.json as written before the test/ prefix: the same plots
+OLD_SUMMARY = {k.removeprefix("test/"): v for k, v in SUMMARY.items()}
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +46,9 @@ def _lines(ax) -> dict[str, object]:
     return {line.get_label(): line for line in ax.get_lines()}
 
 
-def test_retrieval_shows_validation_recall_at_1_5_10_both_ways_with_the_test_star() -> None:
-    fig = panel_figure("retrieval", RECORDS, SUMMARY, "runs/x")
+@pytest.mark.parametrize("summary", [SUMMARY, OLD_SUMMARY], ids=["test-prefix", "old-format"])
+def test_retrieval_shows_validation_recall_at_1_5_10_both_ways_with_the_test_star(summary: dict) -> None:
+    fig = panel_figure("retrieval", RECORDS, summary, "runs/x")
     i2t, t2i = fig.axes
     assert [ax.get_title() for ax in fig.axes] == ["image to text", "text to image"]
     assert "validation" in fig._suptitle.get_text()
@@ -60,9 +63,10 @@ def test_retrieval_shows_validation_recall_at_1_5_10_both_ways_with_the_test_sta
     assert "test, model of round 2" in [t.get_text() for t in i2t.get_legend().get_texts()]
 
 
-def test_rsum_and_classification_draw_the_chance_level_of_the_test_split() -> None:
+@pytest.mark.parametrize("summary", [SUMMARY, OLD_SUMMARY], ids=["test-prefix", "old-format"])
+def test_rsum_and_classification_draw_the_chance_level_of_the_test_split(summary: dict) -> None:
     for name, value in (("rsum", 52.1), ("classification", 10.0)):
-        ax = panel_figure(name, RECORDS, SUMMARY, "runs/x").axes[0]
+        ax = panel_figure(name, RECORDS, summary, "runs/x").axes[0]
         assert ax.get_ylabel().endswith("(%)")
         horizontal = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
         assert [list(line.get_ydata()) for line in horizontal] == [[value, value]]

@@ -4,7 +4,7 @@ runs/<name>/
   config.yaml        the resolved config (what `resume=true` checks against)
   partition.json     the federation layout: client ids, kinds, sample ids
   metrics.jsonl      one JSON object per round
-  summary.json       final test metrics (model chosen on validation) and totals
+  summary.json       final test metrics (test/..., model chosen on validation; local/...: clients) and totals
   checkpoints/       last.pt every round (atomic), best.pt (global weights at the best validation round)
   client_state/      personal client state, per client per round
   plots/             PNG curves (regenerate with `mmfed report RUN_DIR`)
@@ -39,6 +39,7 @@ from mmfed.metrics.chance import split_chance
 from mmfed.models.multimodal import KIND_PARTS, MultimodalModel, build_model
 from mmfed.utils.environment import describe_environment
 from mmfed.utils.io import (
+    TEST_PREFIX,
     CorruptFileError,
     dumps,
     load_torch,
@@ -516,7 +517,7 @@ class Run:
         if best_file.exists():
             self.global_model.load_state_dict(load_checkpoint(best_file, advice=RESUME_ADVICE))
         test = self.evaluator.evaluate(self.global_model, self.test_split)
-        summary: dict[str, Any] = dict(test)
+        summary: dict[str, Any] = {TEST_PREFIX + k: v for k, v in test.items()}  # beside val/..., local/...
         chance = split_chance(self.test_split, self.evaluator.ks)  # the floor each test metric sits on
         summary.update({CHANCE_PREFIX + k: v for k, v in chance.items() if k in test})
         world = self.federation.world

@@ -1,29 +1,28 @@
-"""Top-1 classification accuracy in percent, on top of torchmetrics.
+"""Top-1 classification accuracy in percent, in plain torch.
 
-Why wrap torchmetrics at all: every mmfed metric reports percent (0-100) so that retrieval and
-classification numbers sit on one scale in logs, and inputs are checked up front with one
-ValueError naming the bad argument instead of torchmetrics' mix of error types.
+Why not torchmetrics here: micro top-1 accuracy is an argmax and a mean, and importing torchmetrics
+costs seconds (it imports torchvision and transformers), which every run paid at its first evaluation.
+`tests/metrics/test_classification.py` checks this function against torchmetrics'
+`multiclass_accuracy`; the mergeable `ClassificationAccuracy` stays on torchmetrics, in
+`mmfed.metrics.stateful`. Every mmfed metric reports percent (0-100) so that retrieval and
+classification numbers sit on one scale in logs; inputs are checked up front with one ValueError
+naming the bad argument.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.functional.classification import multiclass_accuracy
 
-__all__ = ["ClassificationAccuracy", "classification_accuracy"]
+__all__ = ["check_accuracy_inputs", "check_num_classes", "classification_accuracy"]
 
 
-def _check_num_classes(num_classes: int) -> int:
+def check_num_classes(num_classes: int) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes={num_classes!r} is invalid; expected an int >= 2")
     return num_classes
 
 
-def _check_inputs(preds: Tensor, target: Tensor, num_classes: int) -> None:
+def check_accuracy_inputs(preds: Tensor, target: Tensor, num_classes: int) -> None:
     """Accept logits/probabilities [N, C, ...] or labels [N, ...] with target [N, ...]."""
     if not isinstance(preds, Tensor) or not isinstance(target, Tensor):
         raise ValueError(
@@ -75,33 +74,7 @@ def classification_accuracy(logits_or_preds: Tensor, target: Tensor, num_classes
         target: integer labels [N].
         num_classes: C.
     """
-    _check_num_classes(num_classes)
-    _check_inputs(logits_or_preds, target, num_classes)
-    acc = multiclass_accuracy(logits_or_preds, target, num_classes=num_classes, average="micro", top_k=1)
-    return 100.0 * float(acc)
-
-
-class ClassificationAccuracy(MulticlassAccuracy):
-    """Stateful top-1, micro-averaged accuracy in percent; mergeable like any torchmetrics sum state.
-
-    `compute` returns a 0-d tensor (the torchmetrics convention, so it logs and collects like the
-    other torchmetrics metrics) holding the percentage.
-    """
-
-    def __init__(self, num_classes: int, **kwargs: Any) -> None:
-        _check_num_classes(num_classes)
-        super().__init__(num_classes=num_classes, top_k=1, average="micro", **kwargs)
-
-    def update(self, logits_or_preds: Tensor, target: Tensor) -> None:
-        """Accumulate one batch: logits [N, C] or labels [N], with target [N]."""
-        _check_inputs(logits_or_preds, target, self.num_classes)
-        super().update(logits_or_preds, target)
-
-    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
-        """torchmetrics' merge_state keeps a value cached by an earlier compute(); drop it."""
-        super().merge_state(incoming_state)
-        self._computed = None
-
-    def compute(self) -> Tensor:
-        """Accuracy in percent."""
-        return super().compute() * 100.0
+    check_num_classes(num_classes)
+    check_accuracy_inputs(logits_or_preds, target, num_classes)
+    preds = logits_or_preds.argmax(dim=1) if logits_or_preds.ndim == target.ndim + 1 else logits_or_preds
+    return 100.0 * float((preds == target).sum()) / target.numel()

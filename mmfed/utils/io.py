@@ -3,7 +3,9 @@
 A reader never sees a half-written file (`atomic_write`); every JSON the project writes is strict
 (RFC 8259: no NaN / Infinity, which Python's `json` would otherwise write and most parsers reject);
 a truncated, empty or garbage file read back is a `CorruptFileError` naming the file, what is wrong
-and what the user can do, never a traceback from the parser.
+and what the user can do, never a traceback from the parser. Also: the keys of a run's summary.json,
+read in either format (`read_summary`, `summary_metric`). No torch at import (the eval scripts, the
+console and `mmfed compare` read JSON only).
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import torch
 
 TEMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)
@@ -102,6 +102,8 @@ def remove_dead_temp_dirs(parent: Path, prefix: str, stale_seconds: float = 24 *
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
+    import torch  # here: the JSON and summary readers (eval scripts, the console) need no torch
+
     atomic_write(Path(path), lambda handle: torch.save(obj, handle))
 
 
@@ -112,6 +114,8 @@ def load_torch(path: str | Path, what: str = "file", advice: str | None = None) 
         raise FileNotFoundError(f"{what} {path} not found")
     if path.stat().st_size == 0:
         raise CorruptFileError(f"{what} {path} is empty (0 bytes); {advice or _REWRITE}")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError) as error:
@@ -246,3 +250,39 @@ def read_metrics_file(path: str | Path) -> list[Any]:
         "start another name=...",
         check=lambda record: isinstance(record, dict) and isinstance(record.get("round"), int),
     )
+
+
+# ---- summary.json keys ------------------------------------------------------------------------------
+# The first part of a metric's key names the split it was measured on: `val/` the validation split
+# (the round's selection), `test/` the test split (the global model of the best round), `local/<kind>/`
+# the clients' own test splits (mean/std over a kind); `chance/<metric>` is the chance level of
+# `test/<metric>`. Before 2026-12 summary.json wrote the global test metrics unprefixed
+# (``retrieval/rsum`` beside ``val/retrieval/rsum``); the readers below accept both formats.
+TEST_PREFIX = "test/"
+_BARE_METRICS = ("retrieval/", "classification/")  # the Evaluator's metric families, unprefixed
+
+
+def summary_key(key: str) -> str:
+    """The current summary.json key of `key`: a bare metric (``retrieval/rsum``) is the test metric
+    ``test/retrieval/rsum``; every prefixed key (test/, val/, local/, chance/, cost/, ...) is itself."""
+    return TEST_PREFIX + key if key.startswith(_BARE_METRICS) else key
+
+
+def upgrade_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """A run's summary of either format with the current keys (an old one's test metrics under test/)."""
+    return {summary_key(key): value for key, value in summary.items()}
+
+
+def summary_metric(summary: dict[str, Any], key: str, default: Any = None) -> Any:
+    """One value of a run's summary of either format; `key` as written now or as a bare test metric
+    (``summary_metric(s, "retrieval/rsum")`` is the test RSum of an old or a new summary.json)."""
+    return upgrade_summary(summary).get(summary_key(key), default)
+
+
+def read_summary(path: str | Path) -> dict[str, Any]:
+    """A run's summary.json (strict JSON; a damaged file is one line naming it), in the current keys."""
+    advice = "rerun or resume the run to rewrite it"
+    summary = load_json(path, what="run summary", advice=advice)
+    if not isinstance(summary, dict):
+        raise CorruptFileError(f"run summary {path} is not a JSON object; {advice}")
+    return upgrade_summary(summary)

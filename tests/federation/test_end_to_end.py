@@ -55,17 +55,20 @@ def test_tiny_federation_writes_a_complete_run_folder(tmp_path: Path) -> None:
         } <= record.keys()
         assert "train/paired/contrastive" in record and "train/image/image_ce" in record
     for key in (
-        "retrieval/i2t/R@1",
-        "retrieval/t2i/R@1",
-        "retrieval/rsum",
-        "classification/image/acc",
-        "classification/text/acc",
+        "test/retrieval/i2t/R@1",
+        "test/retrieval/t2i/R@1",
+        "test/retrieval/rsum",
+        "test/classification/image/acc",
+        "test/classification/text/acc",
+        "chance/retrieval/rsum",
+        "val/retrieval/rsum",
         "rounds",
         "wall_seconds",
         "bytes_up",
         "bytes_down",
     ):
         assert key in summary, key
+    assert not any(k.startswith(("retrieval/", "classification/")) for k in summary)  # every split named
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in records)
     (run / "plots" / "rsum.png").unlink()
     assert main(["report", str(run)]) == 0  # `mmfed report` redraws the plots

@@ -29,9 +29,19 @@ def timeless(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k != "wall_seconds" and not k.endswith("_seconds")}
 
 
-def test_fedddpm_prepares_once_corrects_every_round_and_sums_its_costs(tmp_path: Path) -> None:
-    summary = train(compose([*FEDDDPM, f"run_dir={tmp_path / 'run'}", "rounds=3"]))
-    rows = records(tmp_path / "run")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One uninterrupted FedDDPM run (2 rounds), read by three tests (was trained by each of them)."""
+    run = tmp_path_factory.mktemp("fedddpm") / "run"
+    return run, train(compose([*FEDDDPM, f"run_dir={run}"]))
+
+
+def test_fedddpm_prepares_once_corrects_every_round_and_sums_its_costs(
+    reference: tuple[Path, dict[str, Any]],
+) -> None:
+    run, summary = reference
+    rows = records(run)
+    assert len(rows) == 2
     first, later = rows[0], rows[1:]
     # round 1 carries the prepare stage: two image-bearing clients trained and uploaded a model
     assert first["prepare/fedddpm/models"] == 2.0 and first["prepare/fedddpm/aux_samples"] == 20.0
@@ -48,7 +58,7 @@ def test_fedddpm_prepares_once_corrects_every_round_and_sums_its_costs(tmp_path:
     for key in (f"cost/{name}" for name in COSTS):
         assert summary[key] == pytest.approx(sum(r[key] for r in rows))
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in rows)
-    assert (tmp_path / "run" / "checkpoints" / "prepared.pt").exists()
+    assert (run / "checkpoints" / "prepared.pt").exists()
 
 
 def test_fedddpm_plus_logs_the_rounds_where_it_fired(tmp_path: Path) -> None:
@@ -74,8 +84,10 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path: Path) -> None:
     assert [timeless(r) for r in ours] == [timeless(r) for r in theirs]
 
 
-def test_a_run_interrupted_in_round_1_reuses_the_prepare_stage(tmp_path: Path, monkeypatch) -> None:
-    whole = train(compose([*FEDDDPM, f"run_dir={tmp_path / 'whole'}"]))
+def test_a_run_interrupted_in_round_1_reuses_the_prepare_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: tuple[Path, dict[str, Any]]
+) -> None:
+    whole_dir, whole = reference
     cut = [*FEDDDPM, f"run_dir={tmp_path / 'cut'}"]
     Run(compose(cut))._prepare()  # as if killed in round 1, after the prepare stage was saved
 
@@ -85,18 +97,20 @@ def test_a_run_interrupted_in_round_1_reuses_the_prepare_stage(tmp_path: Path, m
     monkeypatch.setattr(ClassDiffusionTask, "run", no_retraining)
     resumed = train(compose([*cut, "resume=true"]))
     assert timeless(resumed) == timeless(whole)
-    uploaded = [records(tmp_path / name)[0]["cost/upload_bytes"] for name in ("cut", "whole")]
+    uploaded = [records(run)[0]["cost/upload_bytes"] for run in (tmp_path / "cut", whole_dir)]
     assert uploaded[0] == uploaded[1] > 0
 
 
-def test_the_prepare_stage_rides_flower_messages_and_matches_the_embedded_run(tmp_path: Path) -> None:
-    embedded = train(compose([*FEDDDPM, f"run_dir={tmp_path / 'embedded'}"]))
+def test_the_prepare_stage_rides_flower_messages_and_matches_the_embedded_run(
+    tmp_path: Path, reference: tuple[Path, dict[str, Any]]
+) -> None:
+    embedded_dir, embedded = reference
     grid = LocalGrid(partitions(2))
     flower = run_on_grid([*FEDDDPM, f"run_dir={tmp_path / 'flower'}"], grid)
     assert timeless(flower) == timeless(embedded)
     prints = [
-        load_torch(tmp_path / name / "checkpoints" / "prepared.pt")["server"]["fedddpm"]["fingerprint"]
-        for name in ("embedded", "flower")
+        load_torch(run / "checkpoints" / "prepared.pt")["server"]["fedddpm"]["fingerprint"]
+        for run in (embedded_dir, tmp_path / "flower")
     ]
     assert prints[0] == prints[1]
     assert any(m.metadata.group_id == "0" for m in grid.sent)  # the prepare stage went out as round 0

@@ -51,7 +51,7 @@ def test_feddifrc_with_a_warm_cache_runs_no_teacher_pass(teacher: Path, tmp_path
     assert "server/teacher_space/fit_seconds" not in cold[1]  # fitted once, never refitted
     for name in ("tdcl_image", "tdcl_text", "ndcr_image", "ndcr_text"):
         assert any(key.endswith(f"/{name}") for key in cold[0]), name
-    assert "retrieval/rsum" in summary
+    assert "test/retrieval/rsum" in summary
     state = torch.load(cold_run / "checkpoints" / "last.pt", weights_only=False)
     assert state["server"]["teacher_space"]["text_map"]["matrix"].shape[1] == 16  # smoke: D = 16
 
@@ -157,7 +157,7 @@ def test_feddifrc_cifar10_presets_run_feddifrc_without_public_data(
     assert not any("fit_seconds" in key for key in second)
     for name in ("tdcl_image", "ndcr_image"):
         assert first[f"train/{name}"] > 0 and second[f"train/{name}"] > 0
-    assert "classification/image/acc" in summary
+    assert "test/classification/image/acc" in summary
     prepared = torch.load(run / "checkpoints" / "prepared.pt", weights_only=False)["server"]["teacher_space"]
     final = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["server"]["teacher_space"]
     image_map = final["image_map"]

@@ -60,7 +60,7 @@ def test_a_tiny_federation_trains_one_round_with_minilm(folder: Path, tmp_path: 
         ]
     )
     summary = train(cfg)
-    assert summary["rounds"] == 1 and summary["retrieval/rsum"] >= 0
+    assert summary["rounds"] == 1 and summary["test/retrieval/rsum"] >= 0
     assert set(summary["clients"]) == {"text-0", "paired-0"}
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert record["train/text/steps"] > 0 and record["train/paired/steps"] > 0

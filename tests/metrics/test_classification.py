@@ -1,4 +1,4 @@
-"""Classification accuracy in percent: hand-computed values and input validation."""
+"""Classification accuracy in percent: hand-computed values, torchmetrics agreement, input validation."""
 
 from __future__ import annotations
 
@@ -35,6 +35,27 @@ def test_accuracy_is_micro_averaged() -> None:
     preds = torch.tensor([0, 0, 0, 0])
     target = torch.tensor([0, 0, 0, 1])
     assert classification_accuracy(preds, target, num_classes=2) == pytest.approx(75.0)
+
+
+@pytest.mark.parametrize("shape", [(50, 7), (20, 4, 3)])
+def test_plain_torch_accuracy_equals_torchmetrics(shape: tuple[int, ...]) -> None:
+    """The few lines of torch give torchmetrics' micro top-1 accuracy, ties included (small integer
+    logits tie often; both take the first maximal class)."""
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    classes = shape[1]
+    target_shape = (shape[0], *shape[2:])
+    for trial in range(20):
+        logits = torch.randint(0, 3, shape, generator=generator).float()  # many ties
+        if trial % 2:
+            logits = torch.randn(shape, generator=generator).softmax(dim=1)
+        target = torch.randint(0, classes, target_shape, generator=generator)
+        labels = logits.argmax(dim=1)
+        for preds in (logits, labels):
+            expected = 100.0 * float(multiclass_accuracy(preds, target, classes, average="micro", top_k=1))
+            ours = classification_accuracy(preds, target, classes)
+            assert ours == pytest.approx(expected, abs=1e-4)  # theirs is fp32
 
 
 def test_stateful_accuracy_accumulates_and_merges() -> None:
