@@ -38,6 +38,8 @@ from pathlib import Path
 
 from runs import train_run
 
+from mmfed.utils.io import summary_metric
+
 TESTBED = "testbed"
 SETTINGS: dict[str, list[str]] = {
     "a0.1": ["partition.alpha=0.1"],
@@ -108,12 +110,9 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 
 def test_value(summary: dict, key: str) -> float | None:
-    """A test metric of a summary, whether its keys are prefixed with ``test/`` or not."""
-    for name in (f"test/{key}", key):
-        value = summary.get(name)
-        if isinstance(value, int | float) and math.isfinite(value):
-            return float(value)
-    return None
+    """A test metric of a summary of either format (``test/...`` keys or the older bare ones)."""
+    value = summary_metric(summary, key)
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -568,6 +567,37 @@ def testbed_checks(table: dict) -> list[tuple[str, str, str, str]]:
 # ------------------------------------------------------------------------------------------- main
 
 
+# After the baselines and bounds, one claim at a time (each method over all seeds), so that a run
+# stopped early has finished verdicts rather than a little of everything.
+PRIORITY = (
+    "feddifrc", "creamfl", "fedafd", "semanticfl", "fedafd-no-fusion", "feddifrc-tdcl", "feddifrc-ndcr",
+    "semanticfl-random", "fedafd-no-adversarial", "fedafd-uniform", "fedddpm", "fedddpm-plus",
+)  # fmt: skip
+
+
+def job_order(methods: list[Method], settings: list[str], seeds: list[int]) -> list[tuple]:
+    """Baselines and bounds everywhere first, then the methods in PRIORITY order, alpha 0.1 first."""
+    jobs: list[tuple] = []
+
+    def add(method: Method, setting: str) -> None:
+        if setting in settings and setting in method.settings:
+            cids = local_only_clients() if method.name == "local-only" else [None]
+            jobs.extend((method.name, setting, seed, cid) for seed in seeds for cid in cids)
+
+    label_skew = [s for s in SETTINGS if s != "domain"]
+    for setting in label_skew:
+        for method in methods:
+            if method.group == "core":
+                add(method, setting)
+    rest = sorted((m for m in methods if m.group != "core"), key=lambda m: PRIORITY.index(m.name))
+    for setting in label_skew:
+        for method in rest:
+            add(method, setting)
+    for method in [m for m in methods if m.group == "core"] + rest:
+        add(method, "domain")
+    return jobs
+
+
 def random_twin(pretrained: Path, out: Path) -> Path:
     """A teacher with the pretrained one's architecture, tokenizer and scheduler but random weights."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -609,20 +639,16 @@ def main() -> None:
             raise SystemExit(
                 f"no teacher at {pretrained}: run `mmfed teacher pretrain` first (or --teacher PATH)"
             )
-        teachers = {"pretrained": pretrained, "random": random_twin(pretrained, root / "random-teacher")}
+        # a copy, so every run of the table reads the same weights even if the source folder is retrained
+        frozen = root / "pretrained-teacher"
+        if not (frozen / "model_index.json").exists():
+            shutil.copytree(pretrained, frozen.with_name(frozen.name + ".tmp"), dirs_exist_ok=True)
+            frozen.with_name(frozen.name + ".tmp").rename(frozen)
+        teachers = {"pretrained": frozen, "random": random_twin(frozen, root / "random-teacher")}
     plan = Plan(root, teachers, list(args.teacher_overrides))
     # label skew first, then the feature skew; within each, groups in order, each complete over seeds
     # before the next, so what has finished is always a table
-    phases = [[s for s in args.settings if s != "domain"], [s for s in args.settings if s == "domain"]]
-    for settings in phases:
-        for group in GROUPS:
-            for seed in args.seeds:
-                for setting in settings:
-                    for m in methods:
-                        if m.group != group or setting not in m.settings:
-                            continue
-                        cids = local_only_clients() if m.name == "local-only" else [None]
-                        plan.jobs += [(m.name, setting, seed, cid) for cid in cids]
+    plan.jobs = job_order(methods, args.settings, args.seeds)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.jobs)))
     if not args.report_only:
         # the first run of each teacher fills its feature cache alone (no two processes extract the same)

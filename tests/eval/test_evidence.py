@@ -55,3 +55,19 @@ def test_every_claim_names_measured_methods_and_settings() -> None:
         for name in (method, baseline):
             assert setting in evidence.BY_NAME[name].settings, (claim, name, setting)
         assert key in evidence.COLUMNS.values(), claim
+
+
+def test_jobs_run_baselines_first_then_one_claim_at_a_time() -> None:
+    jobs = evidence.job_order(evidence.METHODS, list(evidence.SETTINGS), [0, 1, 2])
+    names = [j[0] for j in jobs]
+    assert len(jobs) == len(set(jobs))  # nothing twice
+    last_core = max(
+        i for i, j in enumerate(jobs) if evidence.BY_NAME[j[0]].group == "core" and j[1] != "domain"
+    )
+    assert all(evidence.BY_NAME[n].group == "core" for n in names[: last_core + 1])
+    first_a01 = [j for j in jobs if j[1] == "a0.1" and evidence.BY_NAME[j[0]].group != "core"]
+    assert [j[0] for j in first_a01[:3]] == ["feddifrc"] * 3 and first_a01[3][
+        0
+    ] == "creamfl"  # all seeds of one
+    assert sum(1 for j in jobs if j[0] == "local-only") == 2 * 3 * 9  # a0.1 and a0.5, nine clients each
+    assert all(setting in evidence.BY_NAME[name].settings for name, setting, _, _ in jobs)
