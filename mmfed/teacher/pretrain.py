@@ -14,28 +14,50 @@ reads it like a hub model. Training, in SD's order:
    ``|| eps - eps_theta(sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, t, c) ||^2`` with z_0 the
    posterior mean (what `StableDiffusionTeacher` reads; this small VAE's posterior is far wider
    than SD's), t ~ U{0..999} and c the hidden states of one of the row's captions, replaced by the
-   empty prompt with probability `empty_prompt` (classifier-free guidance) and by a class prompt
-   ``a photo of a {shape or scene}`` with probability `class_prompt` (the format
-   `TeacherSettings.prompt_template` feeds the teacher later).
-3. **Auxiliary alignment.** The first `aux_fraction` of each batch are auxiliary rows: the same
-   U-Net pass, but under the *empty* prompt and at t ~ U{50..500} (around the read timestep). Their
-   pooled decoder features (up blocks 1-3, the teacher's default reads) are aligned, through two
-   linear heads that are then discarded, with (a) the pooled embedding of the row's caption (CLIP's
-   symmetric InfoNCE, `contrastive_weight`) and (b) the pooled embeddings of the class prompts
-   (cross-entropy against every shape prompt and every scene prompt, `prompt_weight`). One pass
-   instead of a second, empty-prompt pass: that one cost +75% per step (measured). Why align:
-   FedDifRC-style methods read exactly these things (class-prompt text embeddings; decoder
-   features of a noised image), and a few CPU minutes of denoising alone left them at chance on
-   the world's classes (measured: 4 minutes, 265 steps, shape linear probe 0.085 vs 0.125 for
-   random weights). (b) uses the public split's shape and scene labels, the words every caption
-   names (the world writes them into each caption), as an SD trained on web captions knows class
-   names; a method guided by this teacher therefore gets label knowledge from the public data,
-   which is what a pretrained teacher stands for.
+   empty prompt with probability `empty_prompt` (classifier-free guidance's prompt dropout) and by a
+   class prompt ``a photo of a {shape or scene}`` with probability `class_prompt` (0.5: the format
+   `TeacherSettings.prompt_template` feeds the teacher later, and the one FedDifRC's TDCL reads).
+3. **Auxiliary losses** on the same U-Net pass (no second pass: one cost +75% per step, measured).
+   Rows ``[0, aux_fraction * B)``: the *empty* prompt at t ~ U{50..500} (around the read timestep
+   300); their pooled decoder features (up blocks 1-3, the teacher's default reads) are aligned,
+   through linear heads that are then discarded, with (a) the pooled embedding of the row's caption
+   (CLIP's symmetric InfoNCE, `contrastive_weight`) and (b) the pooled embeddings of the class prompts
+   (cross-entropy against every shape prompt and every scene prompt, `prompt_weight`). Why: FedDifRC-
+   style methods read exactly these things, and a few CPU minutes of denoising alone left them at
+   chance on the world's classes (measured: 4 minutes, 265 steps, shape linear probe 0.085 vs 0.125
+   for random weights). (b) uses the public split's shape and scene labels, the words every caption
+   names, as an SD trained on web captions knows class names; a method guided by this teacher
+   therefore gets label knowledge from the public data, which is what a pretrained teacher stands for.
+   (c) **Steering pairs**, the next ``steer_fraction * B`` rows: one public image noised once (one
+   eps, one t ~ U`steer_t`), read under its own shape prompt and under a wrong one. The pooled decoder
+   features must tell which shape prompt the U-Net was given (cross-entropy against every shape
+   prompt's embedding, a third head) and, centred on the empty-prompt rows' mean (what FedDifRC's
+   layer-PCA map subtracts), the two features of one image must not be more parallel than
+   `steer_cosine` (a hinge); `steer_weight` weighs both. Both are scale-free, and a scale-free loss
+   grows the vectors it normalises (its gradient is orthogonal to them): without a check the pooled
+   features reached norm 6e9 and the epsilon loss 1.0 (no denoising) in a default run, so a hinge
+   keeps every row's pooled-feature RMS at most `feature_rms` (2; the untrained U-Net's is ~0.7). Why: TDCL contrasts an image's
+   representation under its class prompt with the same image's representations under the other
+   class prompts; if the prompts do not move the decoder features, positive and negatives coincide
+   and TDCL cannot fall below log C. Denoising alone does not make them move at this size and
+   budget: with the old recipe (10% class prompts, no pairs, 12 minutes) an image's 10 class-prompt
+   representations in the FedDifRC runs had a mean pairwise cosine of 0.996 (0.975 for random
+   weights; README); with the pairs, see the quality table (`prompt_cosine`). The wrong-prompt row is left out of the epsilon loss: its target is still
+   the true noise, which would teach the U-Net to ignore prompts. (d) `margin_weight` (0 by
+   default): a relative-margin loss that the true prompt denoise the pair better than the wrong one
+   (``softplus(-(e_wrong - e_true) / e_true / margin_temperature)``), i.e. training the diffusion
+   classifier itself; measured on the loaded 2-core machine (445 U-Net steps) it stayed at log 2 and
+   left the diffusion classifier at chance, so it is off.
 
 Afterwards a quality check on held-out *val* pairs (never the public rows) compares the teacher
 with the same architecture at random weights and with raw pixels: nearest-centroid and linear-probe
 accuracy of pooled empty-prompt U-Net features (shape and scene labels), the diffusion classifier
-(the class prompt that denoises the image best) and class-prompt-conditioned feature prototypes.
+(the class prompt that denoises the image best), class-prompt-conditioned feature prototypes and
+`prompt_cosine`: the mean pairwise cosine of one val image's features under the 10 shape prompts,
+read as TDCL's cached mode reads them (`TeacherFeatures.images_per_class`: pooled up blocks 1-3 at
+t = 300) and mapped as its clients see them (FedDifRC's per-layer PCA, D/2, D/4, D/4 of
+`check_dim` = the default embed_dim 128, fitted on the public rows' empty-prompt features);
+``prompt_cosine_raw`` is the same before the map (dominated by the features' common mean).
 
 The folder is written to a temporary sibling and renamed at the end: a crash leaves no half teacher.
 """
@@ -112,6 +134,7 @@ class PretrainSettings:
         steer_weight: float = 1.0,
         steer_t: list[int] = (50, 700),
         steer_cosine: float = 0.5,
+        feature_rms: float | None = 2.0,
         margin_weight: float = 0.0,
         margin_temperature: float = 0.05,
         text_width: int = 64,
@@ -175,6 +198,9 @@ class PretrainSettings:
         if not -1 <= steer_cosine <= 1:
             raise ValueError(f"teacher_pretrain.steer_cosine must be in [-1, 1], got {steer_cosine!r}")
         self.steer_cosine = float(steer_cosine)
+        if feature_rms is not None:
+            check_positive("teacher_pretrain.feature_rms", feature_rms)
+        self.feature_rms = feature_rms
         self.text_width, self.text_layers, self.max_length = text_width, text_layers, max_length
         self.vae_channels, self.unet_channels = list(vae_channels), list(unet_channels)
         self.attention_head_dim = attention_head_dim
@@ -456,6 +482,12 @@ def train_denoiser(
                 parallel = F.relu(F.cosine_similarity(pair[:, 0], pair[:, 1], dim=-1) - settings.steer_cosine)
                 steered = steered + parallel.mean()
                 loss = loss + settings.steer_weight * steered
+            # both steering losses are scale-free, and a scale-free loss grows what it normalises (its
+            # gradient is orthogonal to the vector): measured, pooled features reached norm 6e9 and the
+            # epsilon loss 1.0 in 641 steps. A hinge on their RMS (every row) keeps the scale put.
+            if n_steer and settings.feature_rms:
+                rms = features.square().mean(dim=1).sqrt()
+                loss = loss + F.relu(rms - settings.feature_rms).mean()
             # (d) ... and the right prompt must denoise better than the wrong one (relative margin)
             if n_steer and settings.margin_weight > 0:
                 pair = errors[steer].view(-1, 2)

@@ -74,6 +74,7 @@ def test_pretrain_writes_a_teacher_that_loads(tmp_path: Path) -> None:
             "shape/linear_probe",
             "shape/diffusion_classifier",
             "scene/nearest_centroid",
+            "shape/prompt_cosine",
         }
     )
     teacher = StableDiffusionTeacher.load(TeacherSettings(model=str(out)))
@@ -117,6 +118,8 @@ def test_a_failed_pretrain_leaves_the_old_teacher_and_no_temp_folder(
         ("steps=-1", r"teacher_pretrain\.steps must be > 0"),
         ("empty_prompt=1.5", r"teacher_pretrain\.empty_prompt must be in \[0, 1\)"),
         ("resolution=40", r"teacher_pretrain\.resolution=40 must be a multiple of 32"),
+        ("steer_t=[800,100]", r"teacher_pretrain\.steer_t=\[800, 100\] must be \[low, high\]"),
+        ("steer_fraction=0.6", r"teacher_pretrain\.aux_fraction \+ steer_fraction must be < 1"),
         ("unet_channels=[8,16]", r"teacher_pretrain\.unet_channels needs SD's 4 stages"),
         ("minutes", "is not key=value"),
     ],
@@ -187,7 +190,7 @@ def conditioned_cosine(folder: Path, overrides: list[str]) -> float:
 def test_steering_makes_class_prompts_move_the_features(tmp_path: Path) -> None:
     """The steering pairs (3c) are what makes the class prompts matter: without them the same tiny
     run leaves an image's class-conditioned features nearly parallel."""
-    steer = ["steps=40", "batch_size=16", "aux_fraction=0.25", "steer_fraction=0.5"]
+    steer = ["steps=60", "lr=3e-3", "batch_size=16", "aux_fraction=0.25", "steer_fraction=0.5"]
     steered = conditioned_cosine(tmp_path / "steered", steer)
     plain = conditioned_cosine(tmp_path / "plain", [*steer, "steer_weight=0", "margin_weight=0"])
     assert steered < 0.9 and steered < plain - 0.1, (steered, plain)
