@@ -28,26 +28,27 @@ reads it like a hub model. Training, in SD's order:
    for random weights). (b) uses the public split's shape and scene labels, the words every caption
    names, as an SD trained on web captions knows class names; a method guided by this teacher
    therefore gets label knowledge from the public data, which is what a pretrained teacher stands for.
-   (c) **Steering pairs**, the next ``steer_fraction * B`` rows: one public image noised once (one
-   eps, one t ~ U`steer_t`), read under its own shape prompt and under a wrong one. The pooled decoder
+   (c) **Steering pairs**, the next ``steer_fraction * B`` rows: one public image noised once (one eps,
+   one t ~ U`steer_t`), read under its own shape prompt and under a wrong one. The pooled decoder
    features must tell which shape prompt the U-Net was given (cross-entropy against every shape
    prompt's embedding, a third head) and, centred on the empty-prompt rows' mean (what FedDifRC's
    layer-PCA map subtracts), the two features of one image must not be more parallel than
    `steer_cosine` (a hinge); `steer_weight` weighs both. Both are scale-free, and a scale-free loss
    grows the vectors it normalises (its gradient is orthogonal to them): without a check the pooled
-   features reached norm 6e9 and the epsilon loss 1.0 (no denoising) in a default run, so a hinge
-   keeps every row's pooled-feature RMS at most `feature_rms` (2; the untrained U-Net's is ~0.7). Why: TDCL contrasts an image's
-   representation under its class prompt with the same image's representations under the other
-   class prompts; if the prompts do not move the decoder features, positive and negatives coincide
-   and TDCL cannot fall below log C. Denoising alone does not make them move at this size and
-   budget: with the old recipe (10% class prompts, no pairs, 12 minutes) an image's 10 class-prompt
-   representations in the FedDifRC runs had a mean pairwise cosine of 0.996 (0.975 for random
-   weights; README); with the pairs, see the quality table (`prompt_cosine`). The wrong-prompt row is left out of the epsilon loss: its target is still
-   the true noise, which would teach the U-Net to ignore prompts. (d) `margin_weight` (0 by
-   default): a relative-margin loss that the true prompt denoise the pair better than the wrong one
-   (``softplus(-(e_wrong - e_true) / e_true / margin_temperature)``), i.e. training the diffusion
-   classifier itself; measured on the loaded 2-core machine (445 U-Net steps) it stayed at log 2 and
-   left the diffusion classifier at chance, so it is off.
+   features reached norm 6e9 and the epsilon loss 1.0 (no denoising) in a default run, so a hinge keeps
+   every row's pooled-feature RMS at most `feature_rms` (2; the untrained U-Net's is ~0.7). Why the
+   pairs: TDCL contrasts an image's representation under its class prompt with the same image's
+   representations under the other class prompts; if the prompts do not move the decoder features,
+   positive and negatives coincide and TDCL cannot fall below log C. Denoising alone does not make them
+   move at this size and budget: with the old recipe (10% class prompts, no pairs, 12 minutes) an
+   image's 10 class-prompt representations in the FedDifRC runs had a mean pairwise cosine of 0.996
+   (0.975 for random weights; README); with the pairs, see the quality table (`prompt_cosine`). The
+   wrong-prompt row is left out of the epsilon loss: its target is still the true noise, which would
+   teach the U-Net to ignore prompts. (d) `margin_weight` (0 by default): a relative-margin loss that
+   the true prompt denoise the pair better than the wrong one (``softplus(-(e_wrong - e_true) / e_true
+   / margin_temperature)``), i.e. training the diffusion classifier itself; measured on the loaded
+   2-core machine (445 U-Net steps) it stayed at log 2 and left the diffusion classifier at chance, so
+   it is off.
 
 Afterwards a quality check on held-out *val* pairs (never the public rows) compares the teacher
 with the same architecture at random weights and with raw pixels: nearest-centroid and linear-probe
@@ -98,8 +99,11 @@ class PretrainSettings:
     """What `mmfed teacher pretrain` trains and for how long (keys are ``key=value`` overrides).
 
     `minutes`: wall-clock training budget (VAE + U-Net phases; the quality check and saving add
-    about a minute). `steps` / `vae_steps`: optional caps on optimiser steps of each phase (with a
-    cap and enough minutes the run is reproducible step for step). `world_seed` / `n_public` /
+    about two minutes: 11 keeps a default run within 15 minutes, measured 12 min 55 s on the loaded
+    2-core machine). `steer_*`, `feature_rms`, `margin_*`: the steering pairs (module docstring, 3c-d);
+    `check_dim`: the latent dimension D of the FedDifRC map the check reads `prompt_cosine` through.
+    `steps` / `vae_steps`: optional caps on optimiser steps of each phase (with a cap and enough
+    minutes the run is reproducible step for step). `world_seed` / `n_public` /
     `n_val`: the synthetic world whose public split is trained on and whose val split is checked.
     `threads`: torch's intra-op threads for the run (None: torch's default, i.e. OMP_NUM_THREADS).
     1 by default because the 2-core machine this was made on is shared: under load a small U-Net
@@ -167,7 +171,7 @@ class PretrainSettings:
         if empty_prompt + class_prompt >= 1:
             raise ValueError("teacher_pretrain.empty_prompt + class_prompt must be < 1 (captions need rows)")
         if aux_fraction + steer_fraction >= 1:
-            raise ValueError("teacher_pretrain.aux_fraction + steer_fraction must be < 1 (denoising needs rows)")
+            raise ValueError("teacher_pretrain.aux_fraction + steer_fraction must be < 1 (rows must denoise)")
         for key, value in (("kl_weight", kl_weight), ("contrastive_weight", contrastive_weight),
                            ("prompt_weight", prompt_weight), ("steer_weight", steer_weight),
                            ("margin_weight", margin_weight)):  # fmt: skip
@@ -193,7 +197,9 @@ class PretrainSettings:
         self.margin_weight, self.margin_temperature = margin_weight, margin_temperature
         steer_t = [int(v) for v in steer_t]
         if len(steer_t) != 2 or not 0 <= steer_t[0] <= steer_t[1] < 1000:
-            raise ValueError(f"teacher_pretrain.steer_t={steer_t} must be [low, high] with 0 <= low <= high < 1000")
+            raise ValueError(
+                f"teacher_pretrain.steer_t={steer_t} must be [low, high], 0 <= low <= high < 1000"
+            )
         self.steer_t = steer_t
         if not -1 <= steer_cosine <= 1:
             raise ValueError(f"teacher_pretrain.steer_cosine must be in [-1, 1], got {steer_cosine!r}")
@@ -427,7 +433,7 @@ def train_denoiser(
             choice = torch.randint(0, data.per_row, (batch,), generator=generator)
             captions = data.caption_ids[rows, choice]  # [B, L]
             shapes, scenes = data.shape_labels[rows], data.scene_labels[rows]
-            # 2. the prompts: captions, `empty_prompt` empty, `class_prompt` class prompts (shape or scene) ...
+            # 2. the prompts: captions, `empty_prompt` empty, `class_prompt` class prompts (shape, scene) ...
             u = torch.rand(batch, generator=generator)
             ids = captions.clone()
             ids[u < settings.empty_prompt] = data.empty_ids
@@ -439,9 +445,11 @@ def train_denoiser(
             # ... except the auxiliary rows: empty prompt, t ~ U{50..500} (around the read timestep)
             ids[:n_aux] = data.empty_ids
             t[:n_aux] = torch.randint(50, 501, (n_aux,), generator=generator)
-            # ... and the steering pairs: the image's own shape prompt, then a wrong one, on one noised image
+            # ... and the steering pairs: the image's own shape prompt, then a wrong one, one noised image
             right = shapes[steer][::2]
-            wrong = (right + torch.randint(1, data.n_shapes, (n_steer // 2,), generator=generator)) % data.n_shapes
+            wrong = (
+                right + torch.randint(1, data.n_shapes, (n_steer // 2,), generator=generator)
+            ) % data.n_shapes
             steer_prompts = torch.stack([right, wrong], dim=1).flatten()  # [n_steer] shape indices
             ids[steer] = data.class_ids[steer_prompts]
             t[steer] = torch.randint(
@@ -502,7 +510,15 @@ def train_denoiser(
             optimizer.step()
             step += 1
             recent = smooth(
-                recent, {"eps": eps_loss, "contrastive": contrastive, "prompt": prompt, "steer": steered, "margin": margin}, step
+                recent,
+                {
+                    "eps": eps_loss,
+                    "contrastive": contrastive,
+                    "prompt": prompt,
+                    "steer": steered,
+                    "margin": margin,
+                },
+                step,
             )
             bar.n = min(bar.total, round(budget.elapsed()))
             bar.set_postfix(
@@ -680,7 +696,9 @@ def teacher_scores(
     n_proto = min(n_train, 300)
     train_c = class_conditioned(teacher, train_x[:n_proto], train_keys[:n_proto], shape_prompts)
     test_c = class_conditioned(teacher, test_x, test_keys, shape_prompts)  # [N, C, F]
-    out["shape/prompt_prototypes"] = prompt_prototypes((train_c, public.image_labels[:n_proto]), (test_c, test_y))
+    out["shape/prompt_prototypes"] = prompt_prototypes(
+        (train_c, public.image_labels[:n_proto]), (test_c, test_y)
+    )
     # how far the class prompts move one image's features, as FedDifRC's TDCL reads them (mapped), and raw
     widths = [teacher.block_channels[b] for b in teacher.settings.up_blocks]
     mapped = feddifrc_map(train_f, widths, settings.check_dim).apply(test_c.flatten(0, 1))
@@ -775,8 +793,8 @@ def train_parts(
     parts = build_parts(settings, tokenizer, derive_seed(settings.seed, "pretrain", "init"))
     data = PublicPairs(public, tokenizer, settings.resolution)
     seconds = settings.minutes * 60
-    losses: dict[str, Any] = train_vae(parts["vae"], data.pixels, settings,
-                                       Budget(seconds * settings.vae_fraction, settings.vae_steps), quiet)  # fmt: skip
+    vae_budget = Budget(seconds * settings.vae_fraction, settings.vae_steps)
+    losses: dict[str, Any] = train_vae(parts["vae"], data.pixels, settings, vae_budget, quiet)
     mean, _ = posterior_moments(parts["vae"], data.pixels)
     scaling = 1.0 / mean.std().item()  # SD's recipe: unit-variance latents for the U-Net
     parts["vae"].register_to_config(scaling_factor=scaling)

@@ -23,10 +23,10 @@ from mmfed.teacher.pretrain import (
     format_result,
     linear_probe,
     nearest_centroid,
-    prompt_cosine,
-    prompt_prototypes,
     pooled_features,
     pretrain_from_overrides,
+    prompt_cosine,
+    prompt_prototypes,
     settings_from,
     train_parts,
 )
@@ -172,7 +172,6 @@ def test_prompt_prototypes_on_hand_made_representations() -> None:
     assert prompt_prototypes((unmoved[:20], labels[:20]), (unmoved[20:], labels[20:])) < 0.7
 
 
-
 def conditioned_cosine(folder: Path, overrides: list[str]) -> float:
     """Train the tiny teacher in memory; mean pairwise cosine of 16 public images' class-conditioned
     features, mapped as FedDifRC's TDCL reads them (per-layer PCA of the empty-prompt features)."""
@@ -181,7 +180,9 @@ def conditioned_cosine(folder: Path, overrides: list[str]) -> float:
     public = SyntheticWorld(seed=0, n_public=settings.n_public, n_val=settings.n_val).split("public")
     parts, _, _ = train_parts(settings, public, folder / "tokenizer", time.monotonic(), quiet=True)
     teacher = StableDiffusionTeacher.from_modules(parts, TeacherSettings(model=str(folder)))
-    reps = class_conditioned(teacher, public.images[:16], public.ids[:16], teacher.prompts(public.image_classes))
+    reps = class_conditioned(
+        teacher, public.images[:16], public.ids[:16], teacher.prompts(public.image_classes)
+    )
     widths = [teacher.block_channels[b] for b in teacher.settings.up_blocks]
     space = feddifrc_map(pooled_features(teacher, public.images, public.ids), widths, dim=16)
     return prompt_cosine(space.apply(reps.flatten(0, 1)).view(*reps.shape[:2], -1))
