@@ -14,28 +14,53 @@ reads it like a hub model. Training, in SD's order:
    ``|| eps - eps_theta(sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, t, c) ||^2`` with z_0 the
    posterior mean (what `StableDiffusionTeacher` reads; this small VAE's posterior is far wider
    than SD's), t ~ U{0..999} and c the hidden states of one of the row's captions, replaced by the
-   empty prompt with probability `empty_prompt` (classifier-free guidance) and by a class prompt
-   ``a photo of a {shape or scene}`` with probability `class_prompt` (the format
-   `TeacherSettings.prompt_template` feeds the teacher later).
-3. **Auxiliary alignment.** The first `aux_fraction` of each batch are auxiliary rows: the same
-   U-Net pass, but under the *empty* prompt and at t ~ U{50..500} (around the read timestep). Their
-   pooled decoder features (up blocks 1-3, the teacher's default reads) are aligned, through two
-   linear heads that are then discarded, with (a) the pooled embedding of the row's caption (CLIP's
-   symmetric InfoNCE, `contrastive_weight`) and (b) the pooled embeddings of the class prompts
-   (cross-entropy against every shape prompt and every scene prompt, `prompt_weight`). One pass
-   instead of a second, empty-prompt pass: that one cost +75% per step (measured). Why align:
-   FedDifRC-style methods read exactly these things (class-prompt text embeddings; decoder
-   features of a noised image), and a few CPU minutes of denoising alone left them at chance on
-   the world's classes (measured: 4 minutes, 265 steps, shape linear probe 0.085 vs 0.125 for
-   random weights). (b) uses the public split's shape and scene labels, the words every caption
-   names (the world writes them into each caption), as an SD trained on web captions knows class
-   names; a method guided by this teacher therefore gets label knowledge from the public data,
-   which is what a pretrained teacher stands for.
+   empty prompt with probability `empty_prompt` (classifier-free guidance's prompt dropout) and by a
+   class prompt ``a photo of a {shape or scene}`` with probability `class_prompt` (0.5: the format
+   `TeacherSettings.prompt_template` feeds the teacher later, and the one FedDifRC's TDCL reads).
+3. **Auxiliary losses** on the same U-Net pass (no second pass: one cost +75% per step, measured).
+   Rows ``[0, aux_fraction * B)``: the *empty* prompt at t ~ U{50..500} (around the read timestep
+   300); their pooled decoder features (up blocks 1-3, the teacher's default reads) are aligned,
+   through linear heads that are then discarded, with (a) the pooled embedding of the row's caption
+   (CLIP's symmetric InfoNCE, `contrastive_weight`) and (b) the pooled embeddings of the class prompts
+   (cross-entropy against every shape prompt and every scene prompt, `prompt_weight`). Why: FedDifRC-
+   style methods read exactly these things, and a few CPU minutes of denoising alone left them at
+   chance on the world's classes (measured: 4 minutes, 265 steps, shape linear probe 0.085 vs 0.125
+   for random weights). (b) uses the public split's shape and scene labels, the words every caption
+   names, as an SD trained on web captions knows class names; a method guided by this teacher
+   therefore gets label knowledge from the public data, which is what a pretrained teacher stands for.
+   (c) **Steering pairs**, the next ``steer_fraction * B`` rows: one public image noised once (one eps,
+   one t ~ U`steer_t`), read under its own shape prompt and under a wrong one. The pooled decoder
+   features must tell which shape prompt the U-Net was given (cross-entropy against every shape
+   prompt's embedding, a third head) and, centred on the empty-prompt rows' mean (what FedDifRC's
+   layer-PCA map subtracts), the two features of one image must not be more parallel than
+   `steer_cosine` (a hinge); `steer_weight` weighs both. Both are scale-free, and a scale-free loss
+   grows the vectors it normalises (its gradient is orthogonal to them): without a check the pooled
+   features reached norm 6e9 and the epsilon loss 1.0 (no denoising) in a default run, so a hinge keeps
+   every row's pooled-feature RMS at most `feature_rms` (2; the untrained U-Net's is ~0.7). Why the
+   pairs: TDCL contrasts an image's representation under its class prompt with the same image's
+   representations under the other class prompts; if the prompts do not move the decoder features,
+   positive and negatives coincide and TDCL cannot fall below log C. Denoising alone does not make them
+   move at this size and budget: with the old recipe (10% class prompts, no pairs, 12 minutes) an
+   image's 10 class-prompt representations in the FedDifRC runs had a mean pairwise cosine of 0.996
+   (0.975 for random weights; README); with the pairs, see the quality table (`prompt_cosine`). The
+   wrong-prompt row is left out of the epsilon loss: its target is still the true noise, which would
+   teach the U-Net to ignore prompts. (d) `margin_weight` (0 by default): a relative-margin loss that
+   the true prompt denoise the pair better than the wrong one (``softplus(-(e_wrong - e_true) / e_true
+   / margin_temperature)``), i.e. training the diffusion classifier itself. Measured on the loaded
+   2-core machine: in a 6-minute run (445 U-Net steps, no RMS hinge yet) it stayed at log 2; in an
+   11-minute run (787 U-Net steps, 283 VAE steps) it reached 0.668 and the diffusion classifier 0.160,
+   against 0.100 for the default run without it (661 and 123 steps: the machine was busier), which does
+   not separate the loss from the extra steps; off by default.
 
 Afterwards a quality check on held-out *val* pairs (never the public rows) compares the teacher
 with the same architecture at random weights and with raw pixels: nearest-centroid and linear-probe
 accuracy of pooled empty-prompt U-Net features (shape and scene labels), the diffusion classifier
-(the class prompt that denoises the image best) and class-prompt-conditioned feature prototypes.
+(the class prompt that denoises the image best), class-prompt-conditioned feature prototypes and
+`prompt_cosine`: the mean pairwise cosine of one val image's features under the 10 shape prompts,
+read as TDCL's cached mode reads them (`TeacherFeatures.images_per_class`: pooled up blocks 1-3 at
+t = 300) and mapped as its clients see them (FedDifRC's per-layer PCA, D/2, D/4, D/4 of
+`check_dim` = the default embed_dim 128, fitted on the public rows' empty-prompt features);
+``prompt_cosine_raw`` is the same before the map (dominated by the features' common mean).
 
 The folder is written to a temporary sibling and renamed at the end: a crash leaves no half teacher.
 """
@@ -60,6 +85,7 @@ from tqdm.auto import tqdm
 from mmfed.config import check_positive, register, settings_from_overrides
 from mmfed.console import bar_disabled
 from mmfed.teacher.model import StableDiffusionTeacher, TeacherSettings, default_teacher
+from mmfed.teacher.reduce import LayerMoments, Reduction, fit_layer_pca, rms_scaled
 from mmfed.teacher.tiny import save_sd_folder, tiny_parts, words_of, write_tokenizer
 from mmfed.utils.io import remove_dead_temp_dirs, save_json
 from mmfed.utils.seeding import derive_seed, torch_generator
@@ -75,8 +101,11 @@ class PretrainSettings:
     """What `mmfed teacher pretrain` trains and for how long (keys are ``key=value`` overrides).
 
     `minutes`: wall-clock training budget (VAE + U-Net phases; the quality check and saving add
-    about a minute). `steps` / `vae_steps`: optional caps on optimiser steps of each phase (with a
-    cap and enough minutes the run is reproducible step for step). `world_seed` / `n_public` /
+    about two minutes: 11 keeps a default run within 15 minutes, measured 12 min 55 s on the loaded
+    2-core machine). `steer_*`, `feature_rms`, `margin_*`: the steering pairs (module docstring, 3c-d);
+    `check_dim`: the latent dimension D of the FedDifRC map the check reads `prompt_cosine` through.
+    `steps` / `vae_steps`: optional caps on optimiser steps of each phase (with a cap and enough
+    minutes the run is reproducible step for step). `world_seed` / `n_public` /
     `n_val`: the synthetic world whose public split is trained on and whose val split is checked.
     `threads`: torch's intra-op threads for the run (None: torch's default, i.e. OMP_NUM_THREADS).
     1 by default because the 2-core machine this was made on is shared: under load a small U-Net
@@ -88,7 +117,7 @@ class PretrainSettings:
     def __init__(
         self,
         out: str = "default",
-        minutes: float = 12.0,
+        minutes: float = 11.0,
         seed: int = 0,
         world_seed: int = 0,
         n_public: int = 2000,
@@ -103,10 +132,17 @@ class PretrainSettings:
         vae_lr: float = 2e-3,
         kl_weight: float = 1e-5,
         empty_prompt: float = 0.1,
-        class_prompt: float = 0.1,
+        class_prompt: float = 0.5,
         contrastive_weight: float = 0.5,
         prompt_weight: float = 0.5,
         aux_fraction: float = 0.5,
+        steer_fraction: float = 0.25,
+        steer_weight: float = 1.0,
+        steer_t: list[int] = (50, 700),
+        steer_cosine: float = 0.5,
+        feature_rms: float | None = 2.0,
+        margin_weight: float = 0.0,
+        margin_temperature: float = 0.05,
         text_width: int = 64,
         text_layers: int = 3,
         max_length: int = 32,
@@ -115,6 +151,7 @@ class PretrainSettings:
         attention_head_dim: int = 8,
         check_images: int = 200,
         check_public: int = 1000,
+        check_dim: int = 128,
         threads: int | None = 1,
     ) -> None:
         for key, value in (("minutes", minutes), ("n_public", n_public), ("n_val", n_val),
@@ -122,20 +159,26 @@ class PretrainSettings:
                            ("vae_batch_size", vae_batch_size), ("vae_lr", vae_lr),
                            ("text_width", text_width), ("text_layers", text_layers),
                            ("max_length", max_length), ("attention_head_dim", attention_head_dim),
-                           ("check_images", check_images), ("check_public", check_public)):  # fmt: skip
+                           ("check_images", check_images), ("check_public", check_public),
+                           ("check_dim", check_dim)):  # fmt: skip
             check_positive(f"teacher_pretrain.{key}", value)
         for key, value in (("steps", steps), ("vae_steps", vae_steps)):
             if value is not None:
                 check_positive(f"teacher_pretrain.{key}", value)
         for key, value in (("vae_fraction", vae_fraction), ("empty_prompt", empty_prompt),
-                           ("class_prompt", class_prompt), ("aux_fraction", aux_fraction)):  # fmt: skip
+                           ("class_prompt", class_prompt), ("aux_fraction", aux_fraction),
+                           ("steer_fraction", steer_fraction)):  # fmt: skip
             if not 0 <= value < 1:
                 raise ValueError(f"teacher_pretrain.{key} must be in [0, 1), got {value!r}")
         if empty_prompt + class_prompt >= 1:
             raise ValueError("teacher_pretrain.empty_prompt + class_prompt must be < 1 (captions need rows)")
+        if aux_fraction + steer_fraction >= 1:
+            raise ValueError("teacher_pretrain.aux_fraction + steer_fraction must be < 1 (rows must denoise)")
         for key, value in (("kl_weight", kl_weight), ("contrastive_weight", contrastive_weight),
-                           ("prompt_weight", prompt_weight)):  # fmt: skip
+                           ("prompt_weight", prompt_weight), ("steer_weight", steer_weight),
+                           ("margin_weight", margin_weight)):  # fmt: skip
             check_positive(f"teacher_pretrain.{key}", value, strict=False)
+        check_positive("teacher_pretrain.margin_temperature", margin_temperature)
         vae_scale = 2 ** (len(vae_channels) - 1)
         if len(unet_channels) != 4:
             raise ValueError(f"teacher_pretrain.unet_channels needs SD's 4 stages, got {list(unet_channels)}")
@@ -152,11 +195,24 @@ class PretrainSettings:
         self.vae_batch_size = vae_batch_size
         self.empty_prompt, self.class_prompt = empty_prompt, class_prompt
         self.contrastive_weight, self.prompt_weight = contrastive_weight, prompt_weight
-        self.aux_fraction = aux_fraction
+        self.aux_fraction, self.steer_fraction, self.steer_weight = aux_fraction, steer_fraction, steer_weight
+        self.margin_weight, self.margin_temperature = margin_weight, margin_temperature
+        steer_t = [int(v) for v in steer_t]
+        if len(steer_t) != 2 or not 0 <= steer_t[0] <= steer_t[1] < 1000:
+            raise ValueError(
+                f"teacher_pretrain.steer_t={steer_t} must be [low, high], 0 <= low <= high < 1000"
+            )
+        self.steer_t = steer_t
+        if not -1 <= steer_cosine <= 1:
+            raise ValueError(f"teacher_pretrain.steer_cosine must be in [-1, 1], got {steer_cosine!r}")
+        self.steer_cosine = float(steer_cosine)
+        if feature_rms is not None:
+            check_positive("teacher_pretrain.feature_rms", feature_rms)
+        self.feature_rms = feature_rms
         self.text_width, self.text_layers, self.max_length = text_width, text_layers, max_length
         self.vae_channels, self.unet_channels = list(vae_channels), list(unet_channels)
         self.attention_head_dim = attention_head_dim
-        self.check_images, self.check_public = check_images, check_public
+        self.check_images, self.check_public, self.check_dim = check_images, check_public, check_dim
         if threads is not None:
             check_positive("teacher_pretrain.threads", threads)
         self.threads = threads
@@ -358,24 +414,28 @@ def train_denoiser(
     text_encoder, unet, scheduler = parts["text_encoder"], parts["unet"], parts["scheduler"]
     image_dim = sum(list(reversed(settings.unet_channels))[b] for b in READ_BLOCKS)
     heads = ContrastiveHeads(image_dim, settings.text_width)
-    params = [*text_encoder.parameters(), *unet.parameters(), *heads.parameters()]
+    steer_heads = ContrastiveHeads(image_dim, settings.text_width)  # prompt -> features (3c.)
+    params = [*text_encoder.parameters(), *unet.parameters(), *heads.parameters(), *steer_heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
     generator = torch_generator(settings.seed, "pretrain", "unet")
     steps_total = scheduler.config.num_train_timesteps
     text_encoder.train()
     unet.train()
-    step, recent = 0, {"eps": 0.0, "contrastive": 0.0, "prompt": 0.0}
+    step, recent = 0, {"eps": 0.0, "contrastive": 0.0, "prompt": 0.0, "steer": 0.0, "margin": 0.0}
     batch = settings.batch_size
     aligned = settings.contrastive_weight > 0 or settings.prompt_weight > 0
-    n_aux = round(batch * settings.aux_fraction) if aligned else 0  # rows [0, n_aux) also feed 3.
+    n_aux = round(batch * settings.aux_fraction) if aligned else 0  # rows [0, n_aux) also feed 3a-b.
+    n_steer = 2 * round(batch * settings.steer_fraction / 2) if settings.steer_weight > 0 else 0
+    steer = slice(n_aux, n_aux + n_steer)  # pairs: one image, one noise, one t, two shape prompts
     with _bar(budget.seconds, "teacher U-Net", quiet) as bar, captured_blocks(unet, READ_BLOCKS) as blocks:
         while not budget.done(step):
             rows = torch.randint(0, len(data), (batch,), generator=generator)
+            rows[steer] = rows[steer][::2].repeat_interleave(2)
             z0 = latents[rows]  # posterior means: what the teacher reads at extraction
             choice = torch.randint(0, data.per_row, (batch,), generator=generator)
             captions = data.caption_ids[rows, choice]  # [B, L]
             shapes, scenes = data.shape_labels[rows], data.scene_labels[rows]
-            # 2. the prompts: captions, 10% empty, 10% class prompts (a shape or a scene) ...
+            # 2. the prompts: captions, `empty_prompt` empty, `class_prompt` class prompts (shape, scene) ...
             u = torch.rand(batch, generator=generator)
             ids = captions.clone()
             ids[u < settings.empty_prompt] = data.empty_ids
@@ -387,25 +447,63 @@ def train_denoiser(
             # ... except the auxiliary rows: empty prompt, t ~ U{50..500} (around the read timestep)
             ids[:n_aux] = data.empty_ids
             t[:n_aux] = torch.randint(50, 501, (n_aux,), generator=generator)
+            # ... and the steering pairs: the image's own shape prompt, then a wrong one, one noised image
+            right = shapes[steer][::2]
+            wrong = (
+                right + torch.randint(1, data.n_shapes, (n_steer // 2,), generator=generator)
+            ) % data.n_shapes
+            steer_prompts = torch.stack([right, wrong], dim=1).flatten()  # [n_steer] shape indices
+            ids[steer] = data.class_ids[steer_prompts]
+            t[steer] = torch.randint(
+                settings.steer_t[0], settings.steer_t[1] + 1, (n_steer // 2,), generator=generator
+            ).repeat_interleave(2)
             # one text-encoder pass: conditioning prompts [B], the aux rows' captions, the class prompts
             encoded = text_encoder(torch.cat([ids, captions[:n_aux], data.class_ids]))
             context = encoded.last_hidden_state[:batch]
             noise = torch.randn(z0.shape, generator=generator)
+            noise[steer] = noise[steer][::2].repeat_interleave(2, dim=0)
             eps = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=context).sample
-            eps_loss = F.mse_loss(eps, noise)
+            # a wrong prompt's target is still the noise: those rows would teach the U-Net to ignore
+            # prompts, so only rows whose prompt is true of the image denoise
+            errors = (eps - noise).square().mean(dim=(1, 2, 3))  # [B]
+            denoise = torch.ones(batch, dtype=torch.bool)
+            denoise[steer] = steer_prompts == shapes[steer]
+            eps_loss = errors[denoise].mean()
             loss = eps_loss
+            features = torch.cat([blocks[b].mean(dim=(2, 3)) for b in READ_BLOCKS], dim=1)
+            pooled = encoded.pooler_output
+            prompts = pooled[batch + n_aux :]
             # 3. the aux rows' pooled decoder features <-> their captions (a), every class prompt (b)
-            contrastive, prompt = torch.zeros(()), torch.zeros(())
+            contrastive, prompt, steered, margin = (torch.zeros(()) for _ in range(4))
             if n_aux:
-                features = torch.cat([blocks[b][:n_aux].mean(dim=(2, 3)) for b in READ_BLOCKS], dim=1)
-                pooled = encoded.pooler_output
-                contrastive = heads(features, pooled[batch : batch + n_aux])
-                prompts = pooled[batch + n_aux :]
+                contrastive = heads(features[:n_aux], pooled[batch : batch + n_aux])
                 prompt = (
-                    heads.classify(features, prompts[: data.n_shapes], shapes[:n_aux])
-                    + heads.classify(features, prompts[data.n_shapes :], scenes[:n_aux])
+                    heads.classify(features[:n_aux], prompts[: data.n_shapes], shapes[:n_aux])
+                    + heads.classify(features[:n_aux], prompts[data.n_shapes :], scenes[:n_aux])
                 ) / 2
                 loss = loss + settings.contrastive_weight * contrastive + settings.prompt_weight * prompt
+            # (c) the steering rows' features must tell which shape prompt the U-Net was given
+            if n_steer:
+                steered = steer_heads.classify(features[steer], prompts[: data.n_shapes], steer_prompts)
+                # ... and the two prompts' features of one image must not be parallel once centred on the
+                # empty-prompt mean (what the FedDifRC map subtracts): a hinge at cosine `steer_cosine`
+                centre = (features[:n_aux] if n_aux else features).mean(0).detach()
+                pair = (features[steer] - centre).view(n_steer // 2, 2, -1)
+                parallel = F.relu(F.cosine_similarity(pair[:, 0], pair[:, 1], dim=-1) - settings.steer_cosine)
+                steered = steered + parallel.mean()
+                loss = loss + settings.steer_weight * steered
+            # both steering losses are scale-free, and a scale-free loss grows what it normalises (its
+            # gradient is orthogonal to the vector): measured, pooled features reached norm 6e9 and the
+            # epsilon loss 1.0 in 641 steps. A hinge on their RMS (every row) keeps the scale put.
+            if n_steer and settings.feature_rms:
+                rms = features.square().mean(dim=1).sqrt()
+                loss = loss + F.relu(rms - settings.feature_rms).mean()
+            # (d) ... and the right prompt must denoise better than the wrong one (relative margin)
+            if n_steer and settings.margin_weight > 0:
+                pair = errors[steer].view(-1, 2)
+                gap = (pair[:, 1] - pair[:, 0]) / pair[:, 0].detach().clamp_min(1e-6)
+                margin = F.softplus(-gap / settings.margin_temperature).mean()
+                loss = loss + settings.margin_weight * margin
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * lr_factor(step, budget.progress(step))
             optimizer.zero_grad(set_to_none=True)
@@ -413,13 +511,25 @@ def train_denoiser(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             step += 1
-            recent = smooth(recent, {"eps": eps_loss, "contrastive": contrastive, "prompt": prompt}, step)
+            recent = smooth(
+                recent,
+                {
+                    "eps": eps_loss,
+                    "contrastive": contrastive,
+                    "prompt": prompt,
+                    "steer": steered,
+                    "margin": margin,
+                },
+                step,
+            )
             bar.n = min(bar.total, round(budget.elapsed()))
             bar.set_postfix(
                 step=step,
                 eps=f"{recent['eps']:.4f}",
                 con=f"{recent['contrastive']:.3f}",
                 prompt=f"{recent['prompt']:.3f}",
+                steer=f"{recent['steer']:.3f}",
+                margin=f"{recent['margin']:.3f}",
                 refresh=True,
             )
     text_encoder.eval()
@@ -429,6 +539,8 @@ def train_denoiser(
         "eps_loss": recent["eps"],
         "contrastive_loss": recent["contrastive"],
         "prompt_loss": recent["prompt"],
+        "steer_loss": recent["steer"],
+        "margin_loss": recent["margin"],
     }
 
 
@@ -519,26 +631,47 @@ def diffusion_classifier(
 
 
 @torch.no_grad()
+def class_conditioned(
+    teacher: StableDiffusionTeacher, images: torch.Tensor, keys: list[str], prompts: list[str]
+) -> torch.Tensor:
+    """[N, C, F]: each image's pooled decoder features under each class prompt (TDCL's cached reads,
+    `TeacherFeatures.images_per_class`, without the cache)."""
+    return torch.stack([pooled_features(teacher, images, keys, prompt) for prompt in prompts], dim=1)
+
+
 def prompt_prototypes(
-    teacher: StableDiffusionTeacher,
-    train: tuple[torch.Tensor, list[str], torch.Tensor],
-    test: tuple[torch.Tensor, list[str], torch.Tensor],
-    prompts: list[str],
+    train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]
 ) -> float:
     """Accuracy of argmax_c cos(f(x | prompt_c), P_c), P_c = mean of f(x' | prompt_c) over class-c rows x'.
 
-    f is the pooled decoder feature conditioned on a class prompt: does conditioning on the right
-    prompt give the features that images of that class have under it?
+    train / test: (class-conditioned features [N, C, F] (`class_conditioned`), labels [N]). Does
+    conditioning on the right prompt give the features that images of that class have under it?
     """
-    (train_x, train_keys, train_y), (test_x, test_keys, test_y) = train, test
-    scores = torch.zeros(len(test_keys), len(prompts))
-    for c, prompt in enumerate(prompts):
-        on_train = pooled_features(teacher, train_x, train_keys, prompt)
-        on_test = pooled_features(teacher, test_x, test_keys, prompt)
-        mean = on_train.mean(0)
-        prototype = (on_train[train_y == c] - mean).mean(0)
-        scores[:, c] = F.cosine_similarity(on_test - mean, prototype[None], dim=1)
+    (train_f, train_y), (test_f, test_y) = train, test
+    mean = train_f.mean(0)  # [C, F]
+    prototypes = torch.stack([(train_f[train_y == c, c] - mean[c]).mean(0) for c in range(train_f.shape[1])])
+    scores = F.cosine_similarity(test_f - mean[None], prototypes[None], dim=-1)  # [N, C]
     return (scores.argmax(1) == test_y).float().mean().item()
+
+
+def prompt_cosine(reps: torch.Tensor) -> float:
+    """Mean over images of the mean pairwise cosine of one image's representations under different
+    prompts: reps [N, C, D] -> a number in [-1, 1]. 1 means the prompts do not move the features
+    (TDCL's positive and negatives are then the same vector and its loss cannot fall below log C)."""
+    unit = F.normalize(reps.double(), dim=-1)
+    gram = unit @ unit.transpose(1, 2)  # [N, C, C]
+    count = reps.shape[1]
+    off_diagonal = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
+    return (off_diagonal / (count * (count - 1))).mean().item()
+
+
+def feddifrc_map(public_features: torch.Tensor, widths: list[int], dim: int) -> Reduction:
+    """The image map FedDifRC's clients read teacher features through (`teacher_space`, layer_pca):
+    per decoder layer a PCA (D/2, D/4, D/4 components), scaled to unit RMS norm, fitted on the
+    public rows' empty-prompt features (the map's default condition)."""
+    moments = LayerMoments.of(public_features, widths)
+    components = [dim // 2, dim // 4, dim - dim // 2 - dim // 4] if len(widths) == 3 else [dim] * len(widths)
+    return rms_scaled(fit_layer_pca(moments, components), moments)
 
 
 def teacher_scores(
@@ -563,12 +696,16 @@ def teacher_scores(
         teacher, test_x, test_keys, test_y, shape_prompts
     )
     n_proto = min(n_train, 300)
+    train_c = class_conditioned(teacher, train_x[:n_proto], train_keys[:n_proto], shape_prompts)
+    test_c = class_conditioned(teacher, test_x, test_keys, shape_prompts)  # [N, C, F]
     out["shape/prompt_prototypes"] = prompt_prototypes(
-        teacher,
-        (train_x[:n_proto], train_keys[:n_proto], public.image_labels[:n_proto]),
-        (test_x, test_keys, test_y),
-        shape_prompts,
+        (train_c, public.image_labels[:n_proto]), (test_c, test_y)
     )
+    # how far the class prompts move one image's features, as FedDifRC's TDCL reads them (mapped), and raw
+    widths = [teacher.block_channels[b] for b in teacher.settings.up_blocks]
+    mapped = feddifrc_map(train_f, widths, settings.check_dim).apply(test_c.flatten(0, 1))
+    out["shape/prompt_cosine"] = prompt_cosine(mapped.view(*test_c.shape[:2], -1))
+    out["shape/prompt_cosine_raw"] = prompt_cosine(test_c)
     return out
 
 
@@ -646,6 +783,30 @@ def build_parts(settings: PretrainSettings, tokenizer: Any, seed: int) -> dict[s
     return {"tokenizer": tokenizer, **parts}
 
 
+def train_parts(
+    settings: PretrainSettings, public: Any, tokenizer_folder: Path, start: float, quiet: bool
+) -> tuple[dict[str, Any], PublicPairs, dict[str, Any]]:
+    """Phases 1-2 in memory: (the trained parts with the tokenizer written to `tokenizer_folder`, the
+    public tensors, the final losses). The budget counts from `start` (time.monotonic())."""
+    words = words_of(
+        [c for row in public.captions for c in row] + [CLASS_TEMPLATE.format(c) for c in class_names(public)]
+    )
+    tokenizer = write_tokenizer(tokenizer_folder, words, settings.max_length)
+    parts = build_parts(settings, tokenizer, derive_seed(settings.seed, "pretrain", "init"))
+    data = PublicPairs(public, tokenizer, settings.resolution)
+    seconds = settings.minutes * 60
+    vae_budget = Budget(seconds * settings.vae_fraction, settings.vae_steps)
+    losses: dict[str, Any] = train_vae(parts["vae"], data.pixels, settings, vae_budget, quiet)
+    mean, _ = posterior_moments(parts["vae"], data.pixels)
+    scaling = 1.0 / mean.std().item()  # SD's recipe: unit-variance latents for the U-Net
+    parts["vae"].register_to_config(scaling_factor=scaling)
+    losses["scaling_factor"] = scaling
+    remaining = seconds - (time.monotonic() - start)
+    losses |= train_denoiser(parts, data, mean * scaling, settings,
+                             Budget(max(remaining, 1.0), settings.steps), quiet)  # fmt: skip
+    return parts, data, losses
+
+
 def pretrain(
     settings: PretrainSettings, quiet: bool = False, config: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -660,23 +821,8 @@ def pretrain(
     remove_dead_temp_dirs(out.parent, f".{out.name}.tmp-")  # what a killed pretrain left
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
-        words = words_of(
-            [c for row in public.captions for c in row]
-            + [CLASS_TEMPLATE.format(c) for c in class_names(public)]
-        )
-        tokenizer = write_tokenizer(tmp / "tokenizer", words, settings.max_length)
-        parts = build_parts(settings, tokenizer, derive_seed(settings.seed, "pretrain", "init"))
-        data = PublicPairs(public, tokenizer, settings.resolution)
-        seconds = settings.minutes * 60
-        losses = train_vae(parts["vae"], data.pixels, settings,
-                           Budget(seconds * settings.vae_fraction, settings.vae_steps), quiet)  # fmt: skip
-        mean, _ = posterior_moments(parts["vae"], data.pixels)
-        scaling = 1.0 / mean.std().item()  # SD's recipe: unit-variance latents for the U-Net
-        parts["vae"].register_to_config(scaling_factor=scaling)
-        losses["scaling_factor"] = scaling
-        remaining = seconds - (time.monotonic() - start)
-        losses |= train_denoiser(parts, data, mean * scaling, settings,
-                                 Budget(max(remaining, 1.0), settings.steps), quiet)  # fmt: skip
+        parts, data, losses = train_parts(settings, public, tmp / "tokenizer", start, quiet)
+        tokenizer = parts["tokenizer"]
         save_sd_folder(tmp, {k: v for k, v in parts.items() if k != "tokenizer"})
         train_seconds = time.monotonic() - start
         meta = {
@@ -726,7 +872,8 @@ def format_result(result: dict[str, Any]) -> str:
         f"trained {result['seconds']:.0f} s (total with the check {result.get('total_seconds', 0):.0f} s): "
         f"VAE {losses['vae_steps']} steps (recon mse {losses['vae_recon_mse']:.4f}), "
         f"U-Net {losses['unet_steps']} steps (eps {losses['eps_loss']:.4f}, "
-        f"contrastive {losses['contrastive_loss']:.3f}, prompt {losses['prompt_loss']:.3f})",
+        f"contrastive {losses['contrastive_loss']:.3f}, prompt {losses['prompt_loss']:.3f}, "
+        f"steer {losses.get('steer_loss', 0.0):.3f}, margin {losses.get('margin_loss', 0.0):.3f})",
     ]
     quality = result.get("quality")
     if quality:
@@ -734,7 +881,7 @@ def format_result(result: dict[str, Any]) -> str:
             f"quality on {quality['rows']['val']} val rows "
             f"(probes fitted on {quality['rows']['public']} public rows):"
         )
-        lines.append("| accuracy | trained | random weights | pixels |")
+        lines.append("| metric (accuracy unless named) | trained | random weights | pixels |")
         lines.append("| --- | --- | --- | --- |")
         for key in quality["trained"]:
             pixels = quality["pixels"].get(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,17 @@ from mmfed.teacher import pretrain as pretrain_module
 from mmfed.teacher.model import StableDiffusionTeacher, TeacherSettings
 from mmfed.teacher.pretrain import (
     META_FILE,
+    class_conditioned,
+    feddifrc_map,
     format_result,
     linear_probe,
     nearest_centroid,
+    pooled_features,
     pretrain_from_overrides,
+    prompt_cosine,
+    prompt_prototypes,
+    settings_from,
+    train_parts,
 )
 
 TINY = [
@@ -66,6 +74,7 @@ def test_pretrain_writes_a_teacher_that_loads(tmp_path: Path) -> None:
             "shape/linear_probe",
             "shape/diffusion_classifier",
             "scene/nearest_centroid",
+            "shape/prompt_cosine",
         }
     )
     teacher = StableDiffusionTeacher.load(TeacherSettings(model=str(out)))
@@ -109,6 +118,8 @@ def test_a_failed_pretrain_leaves_the_old_teacher_and_no_temp_folder(
         ("steps=-1", r"teacher_pretrain\.steps must be > 0"),
         ("empty_prompt=1.5", r"teacher_pretrain\.empty_prompt must be in \[0, 1\)"),
         ("resolution=40", r"teacher_pretrain\.resolution=40 must be a multiple of 32"),
+        ("steer_t=[800,100]", r"teacher_pretrain\.steer_t=\[800, 100\] must be \[low, high\]"),
+        ("steer_fraction=0.6", r"teacher_pretrain\.aux_fraction \+ steer_fraction must be < 1"),
         ("unet_channels=[8,16]", r"teacher_pretrain\.unet_channels needs SD's 4 stages"),
         ("minutes", "is not key=value"),
     ],
@@ -135,3 +146,52 @@ def test_probes_on_separable_and_on_shuffled_labels() -> None:
     assert linear_probe(*train, *test) == 1.0
     noise = torch.randn(90, 8, generator=generator)  # features that say nothing about the labels
     assert nearest_centroid(noise[:60], labels[:60], noise[60:], labels[60:]) < 0.7
+
+
+def test_prompt_cosine_on_hand_made_representations() -> None:
+    same = torch.randn(5, 1, 6).expand(5, 4, 6)  # the prompts do not move an image's features
+    assert prompt_cosine(same) == pytest.approx(1.0)
+    basis = torch.eye(4)[None].expand(3, 4, 4) * torch.tensor([1.0, 2.0, 3.0])[:, None, None]
+    assert prompt_cosine(basis) == pytest.approx(0.0)  # each prompt its own direction, any scale
+    # one image, three prompts: a, a and -a -> pairs (1, -1, -1) -> mean -1/3
+    a = torch.tensor([1.0, 2.0, -1.0])
+    assert prompt_cosine(torch.stack([a, a, -a])[None]) == pytest.approx(-1 / 3)
+    # the mean is over images: one unmoved image (1) and one orthogonal one (0)
+    assert prompt_cosine(torch.cat([same[:1, :4, :4], basis[:1]])) == pytest.approx(0.5)
+
+
+def test_prompt_prototypes_on_hand_made_representations() -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    # under prompt c, an image of class c gets +6 on axis c: the right prompt is recognisable
+    base = torch.randn(40, 1, 8, generator=generator).expand(40, 4, 8).clone()
+    for c in range(4):
+        base[labels == c, c, c] += 6.0
+    assert prompt_prototypes((base[:20], labels[:20]), (base[20:], labels[20:])) == 1.0
+    unmoved = torch.randn(40, 1, 8, generator=generator).expand(40, 4, 8)
+    assert prompt_prototypes((unmoved[:20], labels[:20]), (unmoved[20:], labels[20:])) < 0.7
+
+
+def conditioned_cosine(folder: Path, overrides: list[str]) -> float:
+    """Train the tiny teacher in memory; mean pairwise cosine of 16 public images' class-conditioned
+    features, mapped as FedDifRC's TDCL reads them (per-layer PCA of the empty-prompt features)."""
+    keys = {o.partition("=")[0] for o in overrides}
+    settings, _ = settings_from([*(o for o in TINY if o.partition("=")[0] not in keys), *overrides])
+    public = SyntheticWorld(seed=0, n_public=settings.n_public, n_val=settings.n_val).split("public")
+    parts, _, _ = train_parts(settings, public, folder / "tokenizer", time.monotonic(), quiet=True)
+    teacher = StableDiffusionTeacher.from_modules(parts, TeacherSettings(model=str(folder)))
+    reps = class_conditioned(
+        teacher, public.images[:16], public.ids[:16], teacher.prompts(public.image_classes)
+    )
+    widths = [teacher.block_channels[b] for b in teacher.settings.up_blocks]
+    space = feddifrc_map(pooled_features(teacher, public.images, public.ids), widths, dim=16)
+    return prompt_cosine(space.apply(reps.flatten(0, 1)).view(*reps.shape[:2], -1))
+
+
+def test_steering_makes_class_prompts_move_the_features(tmp_path: Path) -> None:
+    """The steering pairs (3c) are what makes the class prompts matter: without them the same tiny
+    run leaves an image's class-conditioned features nearly parallel."""
+    steer = ["steps=60", "lr=3e-3", "batch_size=16", "aux_fraction=0.25", "steer_fraction=0.5"]
+    steered = conditioned_cosine(tmp_path / "steered", steer)
+    plain = conditioned_cosine(tmp_path / "plain", [*steer, "steer_weight=0", "margin_weight=0"])
+    assert steered < 0.9 and steered < plain - 0.1, (steered, plain)
