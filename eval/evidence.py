@@ -384,7 +384,9 @@ def plot_curves(plan: Plan, setting: str, methods: list[Method], seeds: list[int
                 continue
             length = min(len(c) for c in curves)
             mean = [statistics.mean(c[r] for c in curves) for r in range(length)]
-            ax.plot(range(1, length + 1), mean, marker=".", label=method.name)
+            index = [m.name for m in methods].index(method.name)  # 10 colours, then a second line style
+            style = "-" if index < 10 else "--"
+            ax.plot(range(1, length + 1), mean, style, marker=".", color=f"C{index % 10}", label=method.name)
             ax.set_xlabel("round")
             ax.set_ylabel(label)
             drawn = True
