@@ -124,6 +124,7 @@ FEDDIFRC = Method(TASK | {"tdcl", "ndcr"}, frozenset({"fedavg"}), any_step=TEACH
 TABLE: dict[str, tuple[tuple[str, ...], Method]] = {
     "smoke": ((), FEDAVG),  # size only
     "compare": ((), FEDAVG),  # size only; the table picks algorithm=...
+    "testbed": ((), FEDAVG),  # world and size only; eval/evidence.py adds the method's preset
     "creamfl_real": ((), CREAMFL),  # CreamFL on its own data (algorithm=fedafd: FedAFD on it)
     "creamfl": ((), CREAMFL),
     "fedafd": ((), FEDAFD),
