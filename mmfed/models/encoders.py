@@ -46,12 +46,20 @@ class SmallCNN(nn.Module):
     48% vs 25% shape accuracy after 3 central epochs); FedAvg averages its running statistics like
     any other tensor. `norm="group"` avoids batch statistics altogether, for strongly non-IID
     features. The last feature map is flattened (not pooled) so position survives into the embedding.
+    `channels_last=True` keeps the conv weights and activations in NHWC memory order, which oneDNN's
+    CPU convolutions run ~1.3x faster in float32 and ~2x faster in bfloat16 (README, "Performance");
+    same values up to float rounding (a different summation order), so off by default.
     """
 
     NORMS = ("batch", "group")
 
     def __init__(
-        self, width: int = 32, image_size: int = 32, feature_grid: int = 4, norm: str = "batch"
+        self,
+        width: int = 32,
+        image_size: int = 32,
+        feature_grid: int = 4,
+        norm: str = "batch",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         check_positive("width", width)
@@ -75,13 +83,16 @@ class SmallCNN(nn.Module):
             nn.AdaptiveAvgPool2d(feature_grid),  # [B, 4w, g, g]
         )
         self.output_dim = 4 * width * feature_grid * feature_grid
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.features.to(memory_format=torch.channels_last)  # the conv weights (4-D tensors)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float [B, 3, S, S] in [-1, 1]."""
         x = images.float().div_(127.5).sub_(1.0)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
-        return x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.features(pixels).flatten(1)

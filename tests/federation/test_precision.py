@@ -1,0 +1,101 @@
+"""`training.precision=bfloat16` (autocast of the encoders' training forward) and the CNN's
+`channels_last` option: faster on CPUs with native bfloat16, same results up to rounding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmfed  # noqa: F401  (the torchvision guard)
+from mmfed.algorithms.base import LossTerm
+from mmfed.cli import compose
+from mmfed.config import ConfigError
+from mmfed.federation.client import LocalTraining
+from mmfed.federation.launch import train
+from mmfed.models.encoders import SmallCNN
+from mmfed.models.multimodal import MultimodalModel
+
+TINY = ["experiment=smoke", "quiet=true", "rounds=1"]
+
+
+def test_float32_autocast_is_a_no_op_and_bfloat16_runs_convolutions_in_bfloat16() -> None:
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 3, 8, 8)
+    with LocalTraining().autocast(torch.device("cpu")):
+        assert conv(x).dtype == torch.float32
+    with LocalTraining(precision="bfloat16").autocast(torch.device("cpu")):
+        assert conv(x).dtype == torch.bfloat16
+
+
+def test_bfloat16_run_encodes_in_bfloat16_and_hands_float32_to_the_loss_terms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen_encoder: list[torch.dtype] = []
+    seen_terms: set[torch.dtype] = set()
+    encode = MultimodalModel._tower_forward
+
+    def recording_forward(self: MultimodalModel, tower: torch.nn.Module, raw: object) -> torch.Tensor:
+        emb = encode(self, tower, raw)
+        if self.training:
+            seen_encoder.append(emb.dtype)
+        return emb
+
+    call = LossTerm.__call__
+
+    def recording_call(self: LossTerm, batch: dict, out: dict, model: MultimodalModel) -> dict:
+        seen_terms.update(v.dtype for v in out.values())
+        return call(self, batch, out, model)
+
+    monkeypatch.setattr(MultimodalModel, "_tower_forward", recording_forward)
+    monkeypatch.setattr(LossTerm, "__call__", recording_call)
+    bf16 = train(compose([*TINY, f"run_dir={tmp_path / 'bf16'}", "training.precision=bfloat16"]))
+    assert seen_encoder and set(seen_encoder) == {torch.bfloat16}
+    assert seen_terms == {torch.float32}
+    seen_encoder.clear()
+    fp32 = train(compose([*TINY, f"run_dir={tmp_path / 'fp32'}"]))
+    assert set(seen_encoder) == {torch.float32}
+    losses = []
+    for name in ("bf16", "fp32"):
+        first = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        losses.append([first[f"train/{kind}/loss"] for kind in ("image", "text", "paired")])
+    assert bf16 and fp32
+    assert losses[0] != losses[1]  # same seed, same data: only the precision differs
+    assert losses[0] == pytest.approx(losses[1], rel=0.05)  # ... and only by rounding
+
+
+def test_unknown_precision_is_one_line_naming_the_key() -> None:
+    with pytest.raises(
+        ConfigError, match=r"training.*precision='float16' is not one of 'float32', 'bfloat16'"
+    ):
+        compose(["training.precision=float16"])
+
+
+def test_channels_last_cnn_gives_the_same_outputs_and_gradients_up_to_rounding() -> None:
+    torch.manual_seed(0)
+    plain = SmallCNN(width=8)
+    fast = SmallCNN(width=8, channels_last=True)
+    fast.load_state_dict(plain.state_dict())
+    assert fast.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    x_plain, x_fast = plain.prepare(images), fast.prepare(images)
+    assert x_fast.is_contiguous(memory_format=torch.channels_last)
+    out_plain, out_fast = plain(x_plain), fast(x_fast)
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-4, atol=1e-5)
+    out_plain.square().sum().backward()
+    out_fast.square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)
+    # a state dict sent or saved is plain contiguous memory whatever the layout (payloads copy it)
+    from mmfed.protocol import encode_tensors
+
+    sent = encode_tensors({"w": fast.features[0].weight}, "float32")
+    assert sent["w"].is_contiguous()
+
+
+def test_channels_last_federation_runs(tmp_path: Path) -> None:
+    summary = train(compose([*TINY, f"run_dir={tmp_path / 'run'}", "model.image_encoder.channels_last=true"]))
+    assert summary is not None
