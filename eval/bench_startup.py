@@ -23,7 +23,10 @@ COMMANDS: dict[str, list[str]] = {
     "mmfed --help": ["-m", "mmfed.cli", "--help"],
     "mmfed config": ["-m", "mmfed.cli", "config"],
     "mmfed config partition.alpah=1 (error)": ["-m", "mmfed.cli", "config", "partition.alpah=1"],
+    "mmfed config partition.alpha=-1 (error)": ["-m", "mmfed.cli", "config", "partition.alpha=-1"],
+    "mmfed train partition.alpha=-1 (error)": ["-m", "mmfed.cli", "train", "partition.alpha=-1"],
     "mmfed config algorithm=fedddpm": ["-m", "mmfed.cli", "config", "algorithm=fedddpm"],
+    "mmfed config experiment=testbed": ["-m", "mmfed.cli", "config", "experiment=testbed"],
 }
 
 

@@ -25,12 +25,13 @@ def _train(args: argparse.Namespace) -> int:
 
         return run_sweep(args.overrides, args.config_dir)
     from mmfed.console import configure_progress, format_summary
-    from mmfed.federation.launch import train
     from mmfed.resume import resume_config
 
     began = time.perf_counter()
     # resume=true: the run folder's saved config (overrides that differ from it are an error)
     cfg = resume_config(args.overrides, lambda overrides: compose(overrides, args.config_dir))
+    from mmfed.federation.launch import train  # torch: after the config is checked (errors come at once)
+
     configure_progress(bool(cfg.quiet))  # bars on a terminal, one line per round in a log, none if quiet
     summary = train(cfg)
     print(format_summary(summary, cfg.run_dir, time.perf_counter() - began))

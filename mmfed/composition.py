@@ -2,9 +2,10 @@
 
 Lives below the CLI so that whatever composes a run config (e.g. `federation.flower.apps`) imports
 this module, not `mmfed.cli`: imports point one way (cli -> composition -> config/validation).
-Hydra composes ``configs/`` plus every component's structured config; `validation` checks what
-Hydra cannot (unknown presets, top-level keys, the settings constructors), so `mmfed config` and
-`mmfed train` reject the same inputs, with one line naming the key.
+Hydra composes ``configs/`` plus every component's structured config (from `config_schema`, without
+importing the components); `validation` checks what Hydra cannot (unknown presets, top-level keys,
+the settings constructors), so `mmfed config` and `mmfed train` reject the same inputs, with one
+line naming the key, and neither imports torch before the config is checked.
 """
 
 from __future__ import annotations
@@ -25,15 +26,13 @@ def config_dir(explicit: str | None = None) -> Path:
 
 
 def register_components() -> None:
-    """Import the modules whose classes register structured configs (the groups Hydra composes)."""
-    import mmfed.algorithms  # noqa: F401  (loss terms, server steps, client tasks)
-    import mmfed.data.synthetic  # noqa: F401
-    import mmfed.evaluation  # noqa: F401
-    import mmfed.federation.client  # noqa: F401
-    import mmfed.federation.flower.settings  # noqa: F401  (the `flower` group; no flwr import)
-    import mmfed.models.encoders  # noqa: F401
-    import mmfed.teacher.model  # noqa: F401  (the `teacher` group)
+    """Make every component selectable by name (the groups Hydra composes): from
+    ``mmfed/config_schema.json`` when it is fresh, importing no component module (so `mmfed config`
+    imports no torch), else by importing the modules that register them; then MMFED_PLUGINS."""
+    from mmfed.config_schema import import_components, register_schema
 
+    if not register_schema():
+        import_components()
     import_plugins()
 
 

@@ -55,22 +55,23 @@ def _omegaconf_type(annotation: Any) -> Any:
     return Any
 
 
-def node_for(target: Callable[..., Any], target_path: str | None = None) -> type:
-    """A dataclass whose fields are `target`'s keyword arguments, plus Hydra's ``_target_``."""
+def signature_fields(target: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
+    """``(name, OmegaConf type, default)`` of `target`'s keyword arguments, in order; the default is
+    ``inspect.Parameter.empty`` for a required one (`config_schema` stores these as data)."""
     signature = inspect.signature(target)
     hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-    fields: list[tuple[str, Any, Any]] = [
-        (
-            "_target_",
-            str,
-            dataclasses.field(default=target_path or f"{target.__module__}.{target.__qualname__}"),
-        )
+    return [
+        (name, _omegaconf_type(hints.get(name, Any)), parameter.default)
+        for name, parameter in signature.parameters.items()
+        if name != "self" and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
     ]
-    for name, parameter in signature.parameters.items():
-        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            continue
-        annotation = _omegaconf_type(hints.get(name, Any))
-        default = parameter.default
+
+
+def make_node(class_name: str, target_path: str, fields: Sequence[tuple[str, Any, Any]]) -> type:
+    """The structured-config dataclass `class_name` with Hydra's ``_target_`` and `fields` (as
+    `signature_fields` gives them): one builder for `node_for` and for `config_schema`'s nodes."""
+    spec: list[tuple[str, Any, Any]] = [("_target_", str, dataclasses.field(default=target_path))]
+    for name, annotation, default in fields:
         if default is inspect.Parameter.empty:
             field = dataclasses.field(default=MISSING)
         elif isinstance(default, (list, tuple, dict)):
@@ -78,8 +79,14 @@ def node_for(target: Callable[..., Any], target_path: str | None = None) -> type
             field = dataclasses.field(default_factory=lambda value=frozen: _copy(value))
         else:
             field = dataclasses.field(default=default)
-        fields.append((name, annotation, field))
-    return dataclasses.make_dataclass(f"{target.__name__}Config", fields)
+        spec.append((name, annotation, field))
+    return dataclasses.make_dataclass(class_name, spec)
+
+
+def node_for(target: Callable[..., Any], target_path: str | None = None) -> type:
+    """A dataclass whose fields are `target`'s keyword arguments, plus Hydra's ``_target_``."""
+    path = target_path or f"{target.__module__}.{target.__qualname__}"
+    return make_node(f"{target.__name__}Config", path, signature_fields(target))
 
 
 def _copy(value: Any) -> Any:
@@ -100,15 +107,21 @@ class _DeferredNode(ConfigNode):
     def __deepcopy__(self, memo: dict[int, Any]) -> _DeferredNode:
         return copy.copy(self)  # shares `_built`: nobody mutates a stored node in place
 
-    def __init__(self, name: str, group: str, target: type) -> None:
+    def __init__(
+        self, name: str, group: str, target: type | None = None, build: Callable[[], type] | None = None
+    ) -> None:
+        """`build` makes the dataclass (`config_schema`'s nodes, no class at hand); default: `node_for`
+        of `target`, the registered class."""
         self.name, self.group, self.package, self.provider = name, group, None, None
         self._built: list[DictConfig] = []
         self._target = target
+        self._build = build
 
     @property  # type: ignore[override]
     def node(self) -> DictConfig:
         if not self._built:
-            self._built.append(OmegaConf.structured(node_for(self._target)))
+            build = self._build or (lambda: node_for(self._target))  # type: ignore[arg-type]
+            self._built.append(OmegaConf.structured(build()))
         return self._built[0]
 
     @node.setter
@@ -116,19 +129,25 @@ class _DeferredNode(ConfigNode):
         self._built = [value]  # ConfigStore.load sets its deep copy on its own shallow copy only
 
 
+def store_node(group: str, name: str, node: _DeferredNode) -> None:
+    """Put `node` into Hydra's ConfigStore where `ConfigStore.store` would (``repo[group...][name.yaml]``)."""
+    folder = ConfigStore.instance().repo
+    for part in group.split("/"):
+        folder = folder.setdefault(part, {})
+    folder[f"{name}.yaml"] = node
+
+
 def register(group: str, name: str) -> Callable[[type[T]], type[T]]:
     """Class decorator: make `cls` selectable as ``group=name`` (and buildable with `instantiate`).
 
-    The node goes into Hydra's ConfigStore as `ConfigStore.store` would put it (``repo[group...]
-    [name.yaml]``), deferred (`_DeferredNode`); `tests/test_config.py` checks it composes exactly as
-    an eagerly stored one."""
+    The node goes into Hydra's ConfigStore as `ConfigStore.store` would put it, deferred
+    (`_DeferredNode`); `tests/test_config.py` checks it composes exactly as an eagerly stored one.
+    A registration replaces the node `config_schema` stored for the same name (they are equal:
+    tests/test_config_schema.py)."""
 
     def decorate(cls: type[T]) -> type[T]:
         REGISTRY.setdefault(group, {})[name] = cls
-        folder = ConfigStore.instance().repo
-        for part in group.split("/"):
-            folder = folder.setdefault(part, {})
-        folder[f"{name}.yaml"] = _DeferredNode(f"{name}.yaml", group, cls)
+        store_node(group, name, _DeferredNode(f"{name}.yaml", group, cls))
         return cls
 
     return decorate

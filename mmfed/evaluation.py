@@ -11,33 +11,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmfed.config import check_choice, check_positive, register
+from mmfed.config import register
 from mmfed.console import bar_disabled
 from mmfed.data.samples import MultimodalSplit
 from mmfed.data.sources.protocols import Protocol
 from mmfed.models.multimodal import MultimodalModel
-
-BACKENDS = ("auto", "torch", "faiss")
+from mmfed.settings import BACKENDS, EvaluatorBase  # noqa: F401  (BACKENDS: this module's API too)
 
 
 @register("evaluation", "default")
-class Evaluator:
-    def __init__(
-        self,
-        batch_size: int = 256,
-        ks: tuple[int, ...] = (1, 5, 10),
-        fold_size: int = 1000,
-        chunk_size: int = 256,
-        backend: str = "auto",
-        selection_metric: str = "retrieval/rsum",
-    ) -> None:
-        check_choice("backend", backend, BACKENDS)
-        for name, value in (("batch_size", batch_size), ("fold_size", fold_size), ("chunk_size", chunk_size)):
-            check_positive(name, value)
-        if not ks or any(k < 1 for k in ks):
-            raise ValueError(f"ks={list(ks)} must list ranks >= 1")
-        self.batch_size, self.ks, self.fold_size = batch_size, tuple(ks), fold_size
-        self.chunk_size, self.backend, self.selection_metric = chunk_size, backend, selection_metric
+class Evaluator(EvaluatorBase):
+    """Embeds a split with a model and scores it (`EvaluatorBase`: the signature, i.e. the
+    ``evaluation`` config group, and its checks, torch-free so that `mmfed config` checks them)."""
 
     @torch.no_grad()
     def embed_images(self, model: MultimodalModel, split: MultimodalSplit) -> torch.Tensor:

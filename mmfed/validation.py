@@ -4,12 +4,14 @@ Why here: `mmfed config` and `mmfed train` (and a Flower deployment's ServerApp)
 `mmfed.composition.compose`, which calls `check_overrides` before Hydra and `check_config` after it,
 so a config that `mmfed config` prints is one `mmfed train` accepts. Component values (a
 partitioner's alpha, the optimiser, the layout) are validated by their constructors; `check_config`
-builds the cheap ones (no data, no model weights) so their errors surface at composition too.
+builds the cheap ones (no data, no model weights, no torch: `mmfed.settings`) so their errors
+surface at composition too, before anything imports torch.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,17 @@ from mmfed.config import ConfigError, instantiate
 
 ENGINES = ("embedded", "flower")
 CLIENT_KINDS = ("image", "text", "paired")
-# groups whose constructors are cheap settings (no data read, no weights loaded): built at composition
+# groups whose constructors are cheap settings (no data read, no weights loaded, no torch import; see
+# mmfed.settings): built at composition
 CHEAP_GROUPS = ("partition", "layout", "training", "evaluation", "flower", "teacher")
+# The device types torch.device accepts (torch 2.13: c10/core/DeviceType.cpp), so that `device` is
+# checked as torch parses it without importing torch (tests/test_validation.py compares with torch).
+DEVICE_TYPES = (
+    "cpu", "cuda", "ipu", "xpu", "mkldnn", "opengl", "opencl", "ideep", "hip", "ve", "fpga", "maia",
+    "xla", "lazy", "vulkan", "mps", "meta", "hpu", "mtia", "privateuseone",
+)  # fmt: skip
+_DEVICE = re.compile(f"(?:{'|'.join(DEVICE_TYPES)})(?::(0|[1-9][0-9]*))?")
+_MAX_DEVICE_INDEX = 2**31 - 1  # torch reads the index as a 32-bit int (and refuses a larger one)
 
 
 def presets(configs: Path) -> list[str]:
@@ -166,21 +177,17 @@ def check_run_keys(cfg: DictConfig) -> None:
 
 
 def _device(name: Any) -> None:
-    import torch
-
+    """``auto`` or a device string torch.device accepts: a device type, optionally ``:N``."""
     if name == "auto":
         return
-    try:
-        torch.device(str(name))
-    except (RuntimeError, ValueError) as error:
-        raise ConfigError(
-            f"config key 'device': {name!r} is not a device (cpu, cuda, cuda:N, auto)"
-        ) from error
+    match = _DEVICE.fullmatch(str(name))
+    if match is None or (match.group(1) is not None and int(match.group(1)) > _MAX_DEVICE_INDEX):
+        raise ConfigError(f"config key 'device': {name!r} is not a device (cpu, cuda, cuda:N, auto)")
 
 
 def check_model_keys(model: Any) -> None:
     """The `model` node's own numbers (its encoders are checked by their constructors)."""
-    from mmfed.models.multimodal import check_model_config
+    from mmfed.settings import check_model_config
 
     try:
         check_model_config(model)
@@ -188,13 +195,22 @@ def check_model_keys(model: Any) -> None:
         raise ConfigError(str(error)) from error
 
 
+def _build_settings(node: DictConfig, key: str) -> None:
+    """Build a settings node's component to run its constructor's checks, through the torch-free class
+    that holds that constructor (`config_schema.check_target`: no torch, no component module)."""
+    from mmfed.config_schema import check_target
+
+    check = check_target(str(node._target_))
+    instantiate(node, key, **({"_target_": check} if check != node._target_ else {}))
+
+
 def _build_cheap(cfg: DictConfig, groups: Iterable[str]) -> None:
     for group in groups:
         node = cfg.get(group)
         if isinstance(node, DictConfig) and "_target_" in node:
-            instantiate(node, group)
+            _build_settings(node, group)
     for kind, node in (cfg.get("partition_by_kind") or {}).items():
-        instantiate(node, f"partition_by_kind.{kind}")
+        _build_settings(node, f"partition_by_kind.{kind}")
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from mmfed.cli import REPO_CONFIGS, compose
 from mmfed.config import instantiate, node_for, registered
+from mmfed.config_schema import import_components
 
 NEEDS_FILES = {
     ("model/image_encoder", "open_clip"),
@@ -18,7 +19,7 @@ NEEDS_FILES = {
 
 
 def _entries() -> list[tuple[str, str]]:
-    compose([])  # imports every module that registers
+    import_components()  # every module that registers (a composition reads config_schema.json instead)
     groups = (
         "data",
         "partition",

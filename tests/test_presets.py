@@ -26,7 +26,9 @@ from omegaconf import DictConfig
 
 from mmfed.cli import compose, config_dir
 from mmfed.config import registered
+from mmfed.config_schema import import_components
 
+import_components()  # the registered classes (a composition reads config_schema.json, importing none)
 CONFIGS = config_dir(None)
 PRESETS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
@@ -37,7 +39,6 @@ GROUPS = ("model/image_encoder", "model/text_encoder", "partition")
 @functools.cache
 def _choices(group: str) -> tuple[str, ...]:
     """A group's choices: its registered structured configs (YAML options build one of them)."""
-    compose([])  # imports (registers) every component
     return tuple(sorted(registered(group)))
 
 

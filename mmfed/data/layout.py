@@ -25,14 +25,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmfed.config import check_positive, register
 from mmfed.data.partition import Partitioner
-from mmfed.data.samples import MultimodalSplit
 from mmfed.utils.io import load_json, save_json
+
+if TYPE_CHECKING:  # torch: the layout is built (checked) by `mmfed config`, which imports no torch
+    from mmfed.data.samples import MultimodalSplit
 
 CLIENT_KINDS = ("image", "text", "paired")
 # What the partitioner skews over: the class labels (label skew) or the rows' visual domains (feature

@@ -27,19 +27,21 @@ from mmfed.algorithms.base import (
     LossTerm,
 )
 from mmfed.algorithms.fedavg import WEIGHT_PREFIX
-from mmfed.config import check_choice, check_positive, instantiate, register
+from mmfed.config import check_choice, instantiate, register
 from mmfed.data.layout import ClientSpec
 from mmfed.data.samples import MultimodalSplit
 from mmfed.evaluation import Evaluator
 from mmfed.models.lora import is_personal
 from mmfed.models.multimodal import FROZEN_PARTS, KIND_PARTS, MultimodalModel
 from mmfed.protocol import Payload, Reply, encode_tensors
+from mmfed.settings import LocalTrainingBase
 from mmfed.utils.seeding import numpy_rng, seed_torch
 
-# Mixed precision of the encoders' forward passes while training (`training.precision`).
+# Mixed precision of the encoders' forward passes while training (`training.precision`); the keys
+# are mmfed.settings.PRECISION_NAMES (checked against each other by tests/test_validation.py).
 PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {  # keys: mmfed.settings.OPTIMIZER_NAMES
     "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
     "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
     "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
@@ -47,41 +49,9 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 
 @register("training", "default")
-class LocalTraining:
-    """How a client trains locally each round (a fresh optimizer every round, as in FedAvg).
-
-    `precision="bfloat16"` runs the encoders' forward passes (and so their backward) under
-    `torch.autocast` in bfloat16; the embeddings are cast back to float32 before the loss terms, so
-    every method's loss, the teacher and the optimizer's state stay float32. Why: on CPUs with
-    native bfloat16 (AVX512-BF16 / AMX) convolutions and matmuls run ~1.5-2.7x faster (measured in
-    README, "Performance"); on CPUs without it bfloat16 is emulated and slower. Off by default: an
-    engineering option of ours, not part of any method, and it changes the numbers.
-    """
-
-    def __init__(
-        self,
-        local_epochs: int = 1,
-        batch_size: int = 64,
-        optimizer: str = "adamw",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        grad_clip: float | None = 1.0,
-        max_steps: int | None = None,
-        precision: str = "float32",
-    ) -> None:
-        check_positive("local_epochs", local_epochs)
-        check_positive("batch_size", batch_size)
-        check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
-        check_choice("precision", precision, tuple(PRECISIONS))
-        check_positive("lr", lr)
-        if max_steps is not None:
-            check_positive("max_steps", max_steps)
-        check_positive("weight_decay", weight_decay, strict=False)
-        if grad_clip is not None:  # 0 or null: no clipping; a negative norm would flip the gradient
-            check_positive("grad_clip", grad_clip, strict=False)
-        self.local_epochs, self.batch_size, self.optimizer = local_epochs, batch_size, optimizer
-        self.lr, self.weight_decay, self.grad_clip, self.max_steps = lr, weight_decay, grad_clip, max_steps
-        self.precision = precision
+class LocalTraining(LocalTrainingBase):
+    """How a client trains locally each round (`LocalTrainingBase`: the signature, i.e. the
+    ``training`` config group, and its checks, torch-free so that `mmfed config` checks them)."""
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
         """The context the encoders' training forward passes run in (a no-op for float32)."""

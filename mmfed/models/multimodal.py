@@ -20,6 +20,7 @@ from torch import nn
 
 from mmfed.config import check_choice, instantiate
 from mmfed.models.fusion import IAFFSettings
+from mmfed.settings import check_model_config  # noqa: F401  (this module's API too)
 
 PARTS = (
     "image_encoder", "text_encoder", "image_head", "text_head", "logit_scale",
@@ -151,17 +152,6 @@ class MultimodalModel(nn.Module):
         for part, part_state in grouped.items():
             getattr(self, part).load_state_dict(part_state, strict=True)
         return list(grouped)
-
-
-def check_model_config(model_cfg: Any) -> None:
-    """The model node's own numbers; a bad one is a ValueError naming the key (the CLI's one line)."""
-    embed_dim = model_cfg.get("embed_dim")
-    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
-        raise ValueError(f"config key 'model.embed_dim': must be an integer >= 1, got {embed_dim!r}")
-    temperature = model_cfg.get("init_temperature")
-    number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-    if not number or not 0 < temperature < math.inf:
-        raise ValueError(f"config key 'model.init_temperature': must be a number > 0, got {temperature!r}")
 
 
 def build_model(

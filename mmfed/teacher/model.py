@@ -27,99 +27,27 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmfed  # noqa: F401  (the torchvision guard, before diffusers/transformers)
-from mmfed.config import check_choice, check_positive, register
+from mmfed.config import register
+from mmfed.settings import (  # noqa: F401  (this module's API too)
+    CONDITIONS,
+    TEACHER_DEVICES,
+    TEACHER_DTYPES,
+    TeacherSettingsBase,
+    default_teacher,
+    mmfed_home,
+)
 from mmfed.utils.seeding import torch_generator
 
-
-def mmfed_home() -> Path:
-    """Where mmfed keeps teachers and feature caches: $MMFED_HOME, default ~/.cache/mmfed."""
-    return Path(os.environ.get("MMFED_HOME", "~/.cache/mmfed")).expanduser()
-
-
 DEFAULT_TEACHER = str(mmfed_home() / "teachers" / "synthetic-sd")  # written by `mmfed teacher pretrain`
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DEVICES = ("cpu", "cuda", "auto")
-CONDITIONS = ("empty", "class", "caption")
+DTYPES = {name: getattr(torch, name) for name in TEACHER_DTYPES}
+DEVICES = TEACHER_DEVICES
 PART_FOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 
 
-def default_teacher() -> str:
-    """The default teacher folder under the current $MMFED_HOME (DEFAULT_TEACHER is read at import)."""
-    return str(mmfed_home() / "teachers" / "synthetic-sd")
-
-
 @register("teacher", "sd")
-class TeacherSettings:
-    """Which diffusion model to read and how; the signature is the ``teacher`` config group.
-
-    `model`: ``default`` (the pretrained synthetic-world teacher under $MMFED_HOME), a Hugging Face
-    hub id or a local folder in SD's layout. `up_blocks`: indices of the U-Net decoder blocks whose
-    outputs are the features (FedDifRC reads its layers 2-4, i.e. blocks 1, 2, 3 of SD's four).
-    `noise_seeds`: features are averaged over one noise draw per seed. `condition`: which prompt the
-    U-Net sees (the empty one, the class prompt, or the sample's caption; chosen by the caller).
-    """
-
-    def __init__(
-        self,
-        model: str = "default",
-        revision: str | None = None,
-        local_files_only: bool = False,
-        dtype: str = "float32",
-        device: str = "cpu",
-        resolution: int | None = None,
-        prompt_template: str = "a photo of a {}",
-        up_blocks: list[int] = (1, 2, 3),
-        timestep: int = 300,
-        noise_seeds: list[int] = (0,),
-        condition: str = "empty",
-        batch_size: int = 16,
-        cache_dir: str = "default",
-    ) -> None:
-        check_choice("teacher.dtype", dtype, tuple(DTYPES))
-        if device not in DEVICES and not device.startswith("cuda:"):
-            raise ValueError(
-                f"teacher.device={device!r} is not one of {', '.join(map(repr, DEVICES))} or 'cuda:N'"
-            )
-        check_choice("teacher.condition", condition, CONDITIONS)
-        if dtype != "float32" and device == "cpu":
-            raise ValueError(
-                f"teacher.dtype={dtype!r} needs teacher.device=cuda; use teacher.dtype=float32 on cpu"
-            )
-        if resolution is not None:
-            check_positive("teacher.resolution", resolution)
-        if "{}" not in prompt_template:
-            raise ValueError(f"teacher.prompt_template={prompt_template!r} has no '{{}}' for the class name")
-        up_blocks, noise_seeds = [int(b) for b in up_blocks], [int(s) for s in noise_seeds]
-        if not up_blocks or min(up_blocks) < 0 or len(set(up_blocks)) != len(up_blocks):
-            raise ValueError(f"teacher.up_blocks={up_blocks} must be distinct block indices >= 0")
-        if not noise_seeds:
-            raise ValueError("teacher.noise_seeds must name at least one seed")
-        if timestep < 0:
-            raise ValueError(f"teacher.timestep must be >= 0, got {timestep}")
-        check_positive("teacher.batch_size", batch_size)
-        self.model = default_teacher() if model == "default" else model
-        self.revision, self.local_files_only = revision, local_files_only
-        self.dtype, self.device, self.resolution = dtype, device, resolution
-        self.prompt_template, self.up_blocks, self.timestep = prompt_template, up_blocks, int(timestep)
-        self.noise_seeds, self.condition, self.batch_size = noise_seeds, condition, batch_size
-        self.cache_dir = str(mmfed_home() / "features") if cache_dir == "default" else cache_dir
-
-    def extraction_fingerprint(self) -> dict[str, Any]:
-        """Every setting that changes a feature value (not batch size, device or cache folder).
-
-        Callers combine it with `StableDiffusionTeacher.identity`, which pins the weights themselves.
-        """
-        return {
-            "model": self.model,
-            "revision": self.revision,
-            "dtype": self.dtype,
-            "resolution": self.resolution,
-            "prompt_template": self.prompt_template,
-            "up_blocks": list(self.up_blocks),
-            "timestep": self.timestep,
-            "noise_seeds": list(self.noise_seeds),
-            "condition": self.condition,
-        }
+class TeacherSettings(TeacherSettingsBase):
+    """Which diffusion model to read and how (`TeacherSettingsBase`: the signature, i.e. the ``teacher``
+    config group, and its checks, torch-free so that `mmfed config` checks them without torch)."""
 
     def resolved_device(self) -> torch.device:
         """`device` with ``auto`` resolved; half precision on a CPU is refused here too."""
