@@ -53,10 +53,11 @@ class LocalTraining(LocalTrainingBase):
     """How a client trains locally each round (`LocalTrainingBase`: the signature, i.e. the
     ``training`` config group, and its checks, torch-free so that `mmfed config` checks them)."""
 
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        """The context the encoders' training forward passes run in (a no-op for float32)."""
+    def autocast(self, device: torch.device, modality: str) -> contextlib.AbstractContextManager[Any]:
+        """The context a `modality` encoder's training forward runs in (a no-op for float32 or a
+        modality not in `precision_modalities`)."""
         dtype = PRECISIONS[self.precision]
-        if dtype is None:
+        if dtype is None or modality not in self.precision_modalities:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dtype)
 
@@ -311,25 +312,31 @@ class ClientApp:
             for batch in self.data.batches(rng, training.batch_size):
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 out: dict[str, torch.Tensor] = {}
-                with training.autocast(device):
-                    if "images" in batch:
+                image_cast, text_cast = training.autocast(device, "image"), training.autocast(device, "text")
+                if "images" in batch:
+                    with image_cast:
                         out["image_emb"] = model.encode_images(batch["images"])  # [B, D]
-                    if "captions" in batch:
+                if "captions" in batch:
+                    with text_cast:
                         out["text_emb"] = model.encode_texts(batch["captions"])  # [B, D]
-                    if "extra_images" in batch:  # a paired client's rows without text (missing modalities)
+                if "extra_images" in batch:  # a paired client's rows without text (missing modalities)
+                    with image_cast:
                         out["extra_image_emb"] = model.encode_images(batch["extra_images"])  # [B_i, D]
-                    if "extra_captions" in batch:  # ... and without an image
+                if "extra_captions" in batch:  # ... and without an image
+                    with text_cast:
                         out["extra_text_emb"] = model.encode_texts(batch["extra_captions"])  # [B_t, D]
-                    if public is not None:
-                        positions = torch.from_numpy(
-                            rng.choice(public.size, min(public.size, training.batch_size), replace=False)
-                        )
-                        batch["public_positions"] = positions  # rows of this round's public sample
-                        if model.has("image_encoder"):
-                            batch["public_images"] = public.images(positions)
+                if public is not None:
+                    positions = torch.from_numpy(
+                        rng.choice(public.size, min(public.size, training.batch_size), replace=False)
+                    )
+                    batch["public_positions"] = positions  # rows of this round's public sample
+                    if model.has("image_encoder"):
+                        batch["public_images"] = public.images(positions)
+                        with image_cast:
                             out["public_image_emb"] = model.encode_images(batch["public_images"], fuse=False)
-                        if model.has("text_encoder"):
-                            batch["public_captions"] = public.texts(positions)
+                    if model.has("text_encoder"):
+                        batch["public_captions"] = public.texts(positions)
+                        with text_cast:
                             out["public_text_emb"] = model.encode_texts(batch["public_captions"], fuse=False)
                 out = {name: emb.float() for name, emb in out.items()}  # loss terms run in float32
                 losses: dict[str, torch.Tensor] = {}

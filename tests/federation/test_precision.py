@@ -24,9 +24,15 @@ TINY = ["experiment=smoke", "quiet=true", "rounds=1"]
 def test_float32_autocast_is_a_no_op_and_bfloat16_runs_convolutions_in_bfloat16() -> None:
     conv = torch.nn.Conv2d(3, 4, 3)
     x = torch.randn(2, 3, 8, 8)
-    with LocalTraining().autocast(torch.device("cpu")):
+    cpu = torch.device("cpu")
+    with LocalTraining().autocast(cpu, "image"):
         assert conv(x).dtype == torch.float32
-    with LocalTraining(precision="bfloat16").autocast(torch.device("cpu")):
+    with LocalTraining(precision="bfloat16").autocast(cpu, "image"):
+        assert conv(x).dtype == torch.bfloat16
+    only_images = LocalTraining(precision="bfloat16", precision_modalities=("image",))
+    with only_images.autocast(cpu, "text"):
+        assert conv(x).dtype == torch.float32
+    with only_images.autocast(cpu, "image"):
         assert conv(x).dtype == torch.bfloat16
 
 
@@ -64,6 +70,31 @@ def test_bfloat16_run_encodes_in_bfloat16_and_hands_float32_to_the_loss_terms(
     assert bf16 and fp32
     assert losses[0] != losses[1]  # same seed, same data: only the precision differs
     assert losses[0] == pytest.approx(losses[1], rel=0.05)  # ... and only by rounding
+
+
+def test_precision_modalities_limit_autocast_to_those_encoders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, set[torch.dtype]] = {"image": set(), "text": set()}
+    encode = MultimodalModel._encode
+
+    def recording(
+        self: MultimodalModel, modality: str, raw: object, normalize: bool, fuse: bool
+    ) -> torch.Tensor:
+        emb = encode(self, modality, raw, normalize, fuse)
+        if self.training:
+            seen[modality].add(emb.dtype)
+        return emb
+
+    monkeypatch.setattr(MultimodalModel, "_encode", recording)
+    overrides = ["training.precision=bfloat16", "training.precision_modalities=[image]"]
+    train(compose([*TINY, f"run_dir={tmp_path / 'run'}", *overrides]))
+    assert seen == {"image": {torch.bfloat16}, "text": {torch.float32}}
+
+
+def test_unknown_precision_modality_is_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"precision_modalities='audio' is not one of 'image', 'text'"):
+        compose(["training.precision_modalities=[audio]"])
 
 
 def test_unknown_precision_is_one_line_naming_the_key() -> None:
