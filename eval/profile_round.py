@@ -31,6 +31,7 @@ import contextlib
 import functools
 import json
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -348,7 +349,9 @@ def report(
         }
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "-".join(str(t) for t in sorted({r["threads"] for r in rounds}))
-    out = RESULTS / f"default-threads{tag}.json"
+    # one file per configuration: a profile with overrides must not overwrite the default run's
+    slug = re.sub(r"[^A-Za-z0-9.=_-]+", "_", "+".join(args.overrides)) if args.overrides else "default"
+    out = RESULTS / f"{slug}-threads{tag}.json"
     summary.update(torch=torch.__version__, python=sys.version.split()[0], overrides=args.overrides)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"written: {out}")
