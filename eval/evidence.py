@@ -159,9 +159,11 @@ class Plan:
             self.done += 1
             self.trained += not reused
             elapsed = time.perf_counter() - self.began
-            left = len(self.jobs) - self.done
+            left = sum(not (self.folder(*j) / "summary.json").exists() for j in self.jobs)  # to train
             estimate = (
-                f"about {elapsed / self.trained * left / 60:.0f} min left" if self.trained else "reused"
+                f"{left} to train, about {elapsed / self.trained * left / 60:.0f} min left"
+                if self.trained
+                else "reused"
             )
             print(
                 f"[{self.done}/{len(self.jobs)}] {label}: {elapsed / 60:.1f} min so far, {estimate}",

@@ -50,7 +50,9 @@ reads it like a hub model. Training, in SD's order:
    2-core machine: in a 6-minute run (445 U-Net steps, no RMS hinge yet) it stayed at log 2; in an
    11-minute run (787 U-Net steps, 283 VAE steps) it reached 0.668 and the diffusion classifier 0.160,
    against 0.100 for the default run without it (661 and 123 steps: the machine was busier), which does
-   not separate the loss from the extra steps; off by default.
+   not separate the loss from the extra steps. At equal time and load (stop 22: the two 11-minute runs
+   side by side, one core each) it was worse: diffusion classifier 0.130 vs 0.155, shape linear probe
+   0.210 vs 0.245, epsilon loss 0.36 vs 0.22; off by default.
 
 Afterwards a quality check on held-out *val* pairs (never the public rows) compares the teacher
 with the same architecture at random weights and with raw pixels: nearest-centroid and linear-probe
@@ -600,6 +602,45 @@ def linear_probe(
 
 
 @torch.no_grad()
+def denoising_errors(
+    teacher: StableDiffusionTeacher,
+    images: torch.Tensor,
+    keys: list[str],
+    prompts: list[str],
+    timesteps: tuple[int, ...] = (100, 300, 500, 700),
+    draws: int = 1,
+) -> torch.Tensor:
+    """[len(timesteps) * draws, N, C]: ||eps - eps_theta(z_t, t, prompt_c)||^2 per (t, noise draw).
+
+    Every class is scored on the same (t, eps) draws per image, so comparisons are paired; draw d of
+    timestep k uses noise seed (k, d), and draw 0 is the quality check's (`diffusion_classifier`).
+    """
+    context = teacher.encode_text(prompts).tokens  # [C, L, Dt]
+    latents = teacher.vae_latents(images)  # [N, 4, h, w]
+    errors = torch.zeros(len(timesteps) * draws, len(keys), len(prompts))
+    for k, step in enumerate(timesteps):
+        for d in range(draws):
+            seed = (
+                derive_seed(k, "diffusion-classifier")
+                if d == 0
+                else derive_seed(k, d, "diffusion-classifier")
+            )
+            noise = teacher.noise(keys, seed, latents.shape[1:])
+            t = torch.full((len(keys),), step)
+            noisy = teacher.scheduler.add_noise(latents, noise, t)
+            for c in range(len(prompts)):
+                for start in range(0, len(keys), 128):
+                    rows = slice(start, start + 128)
+                    n = len(keys[rows])
+                    eps = teacher.unet(
+                        noisy[rows], t[rows], encoder_hidden_states=context[c : c + 1].expand(n, -1, -1)
+                    )
+                    errors[k * draws + d, rows, c] = (
+                        (eps.sample.float() - noise[rows]).square().mean(dim=(1, 2, 3))
+                    )
+    return errors
+
+
 def diffusion_classifier(
     teacher: StableDiffusionTeacher,
     images: torch.Tensor,
@@ -608,25 +649,8 @@ def diffusion_classifier(
     prompts: list[str],
     timesteps: tuple[int, ...] = (100, 300, 500, 700),
 ) -> float:
-    """Accuracy of argmin_c E_{t, eps} ||eps - eps_theta(z_t, t, prompt_c)||^2 (Li et al. 2023).
-
-    Every class is scored on the same (t, eps) draws per image, so the comparison is paired.
-    """
-    context = teacher.encode_text(prompts).tokens  # [C, L, Dt]
-    errors = torch.zeros(len(keys), len(prompts))
-    latents = teacher.vae_latents(images)  # [N, 4, h, w]
-    for k, step in enumerate(timesteps):
-        noise = teacher.noise(keys, derive_seed(k, "diffusion-classifier"), latents.shape[1:])
-        t = torch.full((len(keys),), step)
-        noisy = teacher.scheduler.add_noise(latents, noise, t)
-        for c in range(len(prompts)):
-            for start in range(0, len(keys), 128):
-                rows = slice(start, start + 128)
-                n = len(keys[rows])
-                eps = teacher.unet(
-                    noisy[rows], t[rows], encoder_hidden_states=context[c : c + 1].expand(n, -1, -1)
-                )
-                errors[rows, c] += (eps.sample.float() - noise[rows]).square().mean(dim=(1, 2, 3))
+    """Accuracy of argmin_c E_{t, eps} ||eps - eps_theta(z_t, t, prompt_c)||^2 (Li et al. 2023)."""
+    errors = denoising_errors(teacher, images, keys, prompts, timesteps).sum(0)
     return (errors.argmin(1) == labels).float().mean().item()
 
 
