@@ -9,9 +9,12 @@ mmfed's `aggregate` computes it chunk by chunk of rows. This benchmark, in one i
   bounded log-sum-exp, softmax over clients, weighted sum) against the floor it cannot beat, the K
   plain matmuls of the same row blocks into a reused [chunk, N] buffer (fp32 inputs prepared in
   advance, nothing else). Median of `--reps` interleaved repetitions; the ratio is exact / floor.
-- memory: `aggregate` once more in a fresh subprocess; extra peak = peak RSS after the call minus
-  RSS just before it (an upper bound: input creation may already have touched a higher peak).
-  `--memory-clients` K for this run (default: `--clients`).
+- memory: `aggregate` once more in a fresh subprocess; extra peak = the process's high-water RSS
+  after the call minus its RSS just before it, with the high-water mark reset to the current RSS
+  right before the call (Linux `/proc/self/clear_refs`), so input creation does not count. Not
+  `getrusage`'s ru_maxrss: that survives fork + exec, so a child started by this (large) process
+  would report the parent's RSS at fork time (a run here read 1,644 MB "extra" that way; the reset
+  high-water mark read 346 MB). `--memory-clients` K for this run (default: `--clients`).
 The machine's load average is recorded before and after (the timings are only as steady as it).
 
     python eval/bench_distill.py [--n 50000] [--clients 10] [--dim 512] [--reps 5]
@@ -24,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,20 +51,41 @@ def _rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _high_water_mb() -> float:
+    """This process's peak RSS (VmHWM, kB), which `_reset_high_water` can reset."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (this benchmark's memory figure needs Linux)")
+
+
+def _reset_high_water() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _memory(n: int, clients: int, dim: int, chunk: int) -> dict[str, float]:
     from mmfed.algorithms.distill import aggregate
 
     reps, anchor = _inputs(n, clients, dim)
+    reset = _reset_high_water()
     before = _rss_mb()
     began = time.perf_counter()
     target, weights = aggregate(reps, anchor, chunk_size=chunk)
     seconds = time.perf_counter() - began
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _high_water_mb()
     return {
         "seconds": seconds,
         "rss_before_mb": before,
         "peak_rss_mb": peak,
         "extra_peak_mb": peak - before,
+        "high_water_reset": reset,  # False: the peak may include input creation (an upper bound)
         "checksum": float(target.abs().mean() + weights.max()),
     }
 
