@@ -24,8 +24,10 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/mmfed train $(ARGS)
 
+# One worker process per core, at most 4 (pytest-xdist; each runs torch with one thread, tests/conftest.py);
+# ARGS="-n 0" runs the suite in this process.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mmfed tests eval
