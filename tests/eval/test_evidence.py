@@ -69,5 +69,27 @@ def test_jobs_run_baselines_first_then_one_claim_at_a_time() -> None:
     assert [j[0] for j in first_a01[:3]] == ["feddifrc"] * 3 and first_a01[3][
         0
     ] == "creamfl"  # all seeds of one
-    assert sum(1 for j in jobs if j[0] == "local-only") == 2 * 3 * 9  # a0.1 and a0.5, nine clients each
+    assert sum(1 for j in jobs if j[0] == "local-only") == 3 * 3 * 9  # a0.1, a0.5, domain: nine clients each
     assert all(setting in evidence.BY_NAME[name].settings for name, setting, _, _ in jobs)
+
+
+def test_a_subset_invocation_keeps_every_finished_row_and_seed(tmp_path, monkeypatch, capsys) -> None:
+    """--methods / --settings / --seeds choose what to train; the table still shows every finished
+    run (before: `--methods local-only --settings domain` rewrote table.md with that one row)."""
+    import json
+
+    runs = tmp_path / "runs"
+    for name, seed, rsum in (("fedavg", 0, 100.0), ("fedavg", 1, 110.0), ("fedprox", 0, 130.0)):
+        folder = runs / "a0.1" / f"{name}-s{seed}"
+        folder.mkdir(parents=True)
+        summary = {"test/retrieval/rsum": rsum, "test/classification/image/acc": 50.0}
+        (folder / "summary.json").write_text(json.dumps(summary))
+    (runs / "a0.1" / "moon-s2").mkdir()  # started, not finished: its seed is not in the table
+    assert evidence.table_seeds(runs, [0]) == [0, 1]
+    argv = ["evidence.py", "--report-only", "--methods", "fedavg", "--settings", "iid", "--seeds", "0"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path)])
+    evidence.main()
+    capsys.readouterr()
+    table = (tmp_path / "table.md").read_text()
+    assert "seeds [0, 1]" in table
+    assert "| fedavg | 2 |" in table and "| fedprox | 1 |" in table  # the setting and method not asked for
