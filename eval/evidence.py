@@ -386,17 +386,19 @@ def plot_curves(plan: Plan, setting: str, methods: list[Method], seeds: list[int
                 continue
             length = min(len(c) for c in curves)
             mean = [statistics.mean(c[r] for c in curves) for r in range(length)]
-            index = [m.name for m in methods].index(method.name)  # 10 colours, then a second line style
+            index = [m.name for m in methods].index(method.name)  # 20 colours; the second 10 dashed too
             style = "-" if index < 10 else "--"
-            ax.plot(range(1, length + 1), mean, style, marker=".", color=f"C{index % 10}", label=method.name)
+            colour = plt.get_cmap("tab20")(index % 20)
+            ax.plot(range(1, length + 1), mean, style, marker=".", color=colour, label=method.name)
             ax.set_xlabel("round")
             ax.set_ylabel(label)
             drawn = True
     if not drawn:
         plt.close(fig)
         return None
+    fig.suptitle(f"setting {setting}: validation metric per round, mean over seeds {seeds}")
     for ax, (_, label) in zip(axes, panels, strict=True):
-        ax.set_title(f"{label}, setting {setting} (mean over seeds {seeds})")
+        ax.set_title(label)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8)
