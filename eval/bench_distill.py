@@ -14,7 +14,7 @@ mmfed's `aggregate` computes it chunk by chunk of rows. This benchmark, in one i
   right before the call (Linux `/proc/self/clear_refs`), so input creation does not count. Not
   `getrusage`'s ru_maxrss: that survives fork + exec, so a child started by this (large) process
   would report the parent's RSS at fork time (a run here read 1,644 MB "extra" that way; the reset
-  high-water mark read 346 MB). `--memory-clients` K for this run (default: `--clients`).
+  high-water mark read 342 MB). `--memory-clients` K for this run (default: `--clients`).
 The machine's load average is recorded before and after (the timings are only as steady as it).
 
     python eval/bench_distill.py [--n 50000] [--clients 10] [--dim 512] [--reps 5]
