@@ -692,12 +692,9 @@ def main() -> None:
 
 def table_seeds(root: Path, asked: list[int]) -> list[int]:
     """The seeds asked for, plus every seed that has a finished run under `root`."""
-    found = {
-        int(folder.name.rsplit("-s", 1)[1])
-        for folder in root.glob("*/*-s*")
-        if (folder / "summary.json").exists() and folder.name.rsplit("-s", 1)[1].isdigit()
-    }
-    return sorted(set(asked) | found)
+    folders = (folder for folder in root.glob("*/*-s*") if (folder / "summary.json").exists())
+    finished = (folder.name.rsplit("-s", 1)[1] for folder in folders)  # names from Plan.folder
+    return sorted(set(asked) | {int(seed) for seed in finished if seed.isdigit()})
 
 
 if __name__ == "__main__":
