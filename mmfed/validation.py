@@ -93,7 +93,7 @@ def _quoting_advice(override: str, parser: Any) -> str:
 def check_overrides(overrides: list[str], configs: Path) -> None:
     """Unknown experiment presets are an error listing the presets.
 
-    The defaults list says ``optional experiment: null`` (no preset is fine), and Hydra skips an
+    The defaults list says ``optional experiment: default`` (``experiment=null``: none), and Hydra skips an
     optional group entry it cannot find: ``experiment=bogus`` silently ran the default federation
     and ``experiment=[smoke,bogus]`` silently dropped ``bogus``.
     """

@@ -39,6 +39,16 @@ def _version(package: str) -> str | None:
         return None
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: on a CPU, oneDNN's check (AVX512-BF16 or AMX
+    instructions); on CUDA, torch's. Emulated bfloat16 is slower than float32, so `auto` skips it."""
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return False
+
+
 def describe_environment() -> dict[str, Any]:
     """A strict-JSON-ready description of the interpreter, CPU kernels, threads and package versions."""
     return {
@@ -47,6 +57,8 @@ def describe_environment() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
+        # training.precision=auto trains in bfloat16 on the CPU exactly when this is true
+        "cpu_native_bfloat16": native_bfloat16(torch.device("cpu")),
         "cuda": torch.version.cuda,
         "packages": {name: _version(name) for name in PACKAGES},
     }

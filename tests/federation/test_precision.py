@@ -106,8 +106,8 @@ def test_unknown_precision_is_one_line_naming_the_key() -> None:
 
 def test_channels_last_cnn_gives_the_same_outputs_and_gradients_up_to_rounding() -> None:
     torch.manual_seed(0)
-    plain = SmallCNN(width=8)
-    fast = SmallCNN(width=8, channels_last=True)
+    plain = SmallCNN(width=8, channels_last=False)
+    fast = SmallCNN(width=8)  # channels_last by default
     fast.load_state_dict(plain.state_dict())
     assert fast.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert not plain.features[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -127,6 +127,54 @@ def test_channels_last_cnn_gives_the_same_outputs_and_gradients_up_to_rounding()
     assert sent["w"].is_contiguous()
 
 
-def test_channels_last_federation_runs(tmp_path: Path) -> None:
-    summary = train(compose([*TINY, f"run_dir={tmp_path / 'run'}", "model.image_encoder.channels_last=true"]))
+def test_nchw_federation_runs(tmp_path: Path) -> None:
+    nchw = "model.image_encoder.channels_last=false"
+    summary = train(compose([*TINY, f"run_dir={tmp_path / 'run'}", nchw]))
     assert summary is not None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_takes_bfloat16_only_where_it_is_native(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mmfed.federation.client as client
+
+    monkeypatch.setattr(client, "native_bfloat16", lambda device: native)
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(2, 3, 8, 8)
+    with LocalTraining(precision="auto").autocast(torch.device("cpu"), "image"):
+        assert conv(x).dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def test_bfloat16_on_the_cpu_runs_attention_on_the_math_backend() -> None:
+    """torch 2.13's CPU flash-attention backward is ~17x slower in bfloat16 than in float32; the
+    math backend is the faster one there (README, "Performance")."""
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+
+    everything = _cur_sdpa_kernel_backends()
+    assert SDPBackend.FLASH_ATTENTION in everything
+    with LocalTraining(precision="bfloat16").autocast(torch.device("cpu"), "text"):
+        assert _cur_sdpa_kernel_backends() == [SDPBackend.MATH]
+    with LocalTraining().autocast(torch.device("cpu"), "text"):  # float32: torch's own choice
+        assert _cur_sdpa_kernel_backends() == everything
+    assert _cur_sdpa_kernel_backends() == everything
+
+
+def test_default_federation_trains_images_in_auto_precision_and_presets_in_float32() -> None:
+    default = compose([])
+    assert default.training.precision == "auto"
+    assert list(default.training.precision_modalities) == ["image", "text"]
+    for preset in ("smoke", "testbed", "compare"):
+        assert compose([f"experiment={preset}"]).training.precision == "float32", preset
+
+
+
+def test_autocast_context_is_re_enterable_and_inert_until_entered() -> None:
+    """The trainer builds one context per modality a step and enters it once per encoder call
+    (batch, extra rows, public rows); a modality without input never enters it."""
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(2, 3, 8, 8)
+    context = LocalTraining(precision="bfloat16").autocast(torch.device("cpu"), "image")
+    assert conv(x).dtype == torch.float32  # built, not entered: nothing changed
+    for _ in range(2):
+        with context:
+            assert conv(x).dtype == torch.bfloat16
+        assert conv(x).dtype == torch.float32
