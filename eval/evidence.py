@@ -38,6 +38,7 @@ from pathlib import Path
 
 from runs import train_run
 
+from mmfed.compare import paired_difference
 from mmfed.utils.io import summary_metric
 
 TESTBED = "testbed"
@@ -106,7 +107,6 @@ COLUMNS: dict[str, str] = {
     "txt acc (clients)": "local/text/classification/text/acc/mean",
     "RSum (clients)": "local/paired/retrieval/rsum/mean",
 }
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def test_value(summary: dict, key: str) -> float | None:
@@ -219,12 +219,7 @@ def mean_std(values: list[float]) -> str:
 
 def paired(a: list[float | None], b: list[float | None]) -> tuple[float, float, float, int] | None:
     """Mean of the per-seed differences a - b and its 95 % t interval (seeds where both exist)."""
-    diffs = [x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
-    if len(diffs) < 2:
-        return None
-    mean = statistics.mean(diffs)
-    half = T975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return mean, mean - half, mean + half, len(diffs)
+    return paired_difference(a, b)
 
 
 def diff_cell(result: tuple[float, float, float, int] | None) -> str:

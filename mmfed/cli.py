@@ -92,7 +92,7 @@ def _compare(args: argparse.Namespace) -> int:
     def patterns(text: str | None) -> list[str] | None:
         return [p for p in text.split(",") if p] if text else None
 
-    result, out = compare(args.runs, args.out, patterns(args.metrics), patterns(args.curves))
+    result, out = compare(args.runs, args.out, patterns(args.metrics), patterns(args.curves), args.baseline)
     print(format_table(result))
     print(f"saved {out / 'compare.json'}, {out / 'compare.md'} and {len(result['plots'])} curves in {out}")
     return 0
@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     comparison.add_argument("--out", default=None, help="output folder (default: SWEEP/compare or ./compare)")
     comparison.add_argument("--metrics", default=None, help="final metrics, comma-separated globs")
     comparison.add_argument("--curves", default=None, help="per-round metrics to plot (globs)")
+    comparison.add_argument(
+        "--baseline", default=None, help="a group (text in its label): paired differences to it by seed"
+    )
     comparison.set_defaults(run=_compare)
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint on a protocol (coco-1k, ...)")
     evaluate.add_argument("run_dir")

@@ -7,6 +7,11 @@ metrics of the model selected on validation). Learning curves of every metric th
 round (`val/...`, `train/loss` by default) are overlaid, one PNG per metric, one line per group
 (the mean over seeds, with a band of ± one std).
 
+`--baseline TEXT` names one group (the one whose label contains TEXT): every other group then
+also gets, per metric, the mean of its per-seed differences to that group (runs paired by seed;
+seeds only one side has are left out) with a 95 % Student-t interval, the comparison the README's
+tables report, since seeds share data, partitions and initial weights and so pair.
+
 The table is Markdown, so it pastes into an issue or README as is; `compare.json` holds the same
 numbers (strict JSON).
 """
@@ -112,6 +117,35 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (scipy.stats.t.ppf(0.975, df));
+# the normal 1.96 above 30 (t is within 2 % of it there).
+T975 = {
+    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+    10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
+    18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042,
+}
+
+
+def t975(df: int) -> float:
+    """The 95 % two-sided t quantile for `df` degrees of freedom (the next tabulated df down)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df > 30:
+        return 1.96
+    return T975[max(k for k in T975 if k <= df)]
+
+
+def paired_difference(a: list[float | None], b: list[float | None]) -> tuple[float, float, float, int] | None:
+    """Mean of the per-seed differences a - b (positions are seeds; None: that seed is missing)
+    and its 95 % t interval: (mean, low, high, pairs); None with fewer than two pairs."""
+    diffs = [x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    if len(diffs) < 2:
+        return None
+    mean, std = mean_std(diffs)
+    half = t975(len(diffs) - 1) * std / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half, len(diffs)
+
+
 def _numbers(summary: dict[str, Any]) -> dict[str, float]:
     return {
         k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -126,9 +160,13 @@ def _pick(names: list[str], patterns: tuple[str, ...] | list[str]) -> list[str]:
 
 
 def compare_runs(
-    paths: list[str | Path], metrics: list[str] | None = None, curves: list[str] | None = None
+    paths: list[str | Path],
+    metrics: list[str] | None = None,
+    curves: list[str] | None = None,
+    baseline: str | None = None,
 ) -> dict[str, Any]:
-    """Group the runs by their differing config keys; mean ± std of each final metric per group."""
+    """Group the runs by their differing config keys; mean ± std of each final metric per group,
+    and with `baseline` each group's paired differences to the group whose label contains it."""
     runs = find_runs(paths)
     configs = [load_config(run) for run in runs]
     keys = differing_keys(configs)
@@ -165,13 +203,41 @@ def compare_runs(
                 mean, std = mean_std(values)
                 row["metrics"][metric] = {"mean": mean, "std": std, "n": len(values)}
         rows.append(row)
+    base = _baseline_group(rows, baseline) if baseline is not None else None
+    if base is not None:
+        grouped = list(groups.values())  # in the order of rows
+        theirs = dict(zip(base["seeds"], grouped[rows.index(base)]["values"], strict=True))
+        for row, group in zip(rows, grouped, strict=True):
+            if row is base:
+                continue
+            row["paired_to_baseline"] = {}
+            mine = dict(zip(row["seeds"], group["values"], strict=True))
+            seeds = sorted(set(mine) & set(theirs), key=str)
+            for metric in shown:
+                result = paired_difference(
+                    [mine[s].get(metric) for s in seeds], [theirs[s].get(metric) for s in seeds]
+                )
+                if result is not None:
+                    mean, low, high, n = result
+                    row["paired_to_baseline"][metric] = {"mean": mean, "low": low, "high": high, "n": n}
     return {
         "keys": keys,
         "metrics": shown,
+        "baseline": None if base is None else base["group"],
         "groups": rows,
         "unfinished": unfinished,
         "curves": _pick_curves(finished, curves),
     }
+
+
+def _baseline_group(rows: list[dict[str, Any]], text: str) -> dict[str, Any]:
+    """The one group whose label contains `text` (a ValueError naming the labels otherwise)."""
+    matches = [row for row in rows if text in row["group"]]
+    if len(matches) != 1:
+        found = "none" if not matches else f"{len(matches)}"
+        labels = "; ".join(row["group"] for row in rows)
+        raise ValueError(f"--baseline {text!r} must match exactly one group, matched {found}: {labels}")
+    return matches[0]
 
 
 def _pick_curves(
@@ -199,6 +265,19 @@ def format_table(result: dict[str, Any]) -> str:
             entry = row["metrics"].get(metric)
             cells.append("-" if entry is None else f"{entry['mean']:.2f} ± {entry['std']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    paired = [row for row in result["groups"] if row.get("paired_to_baseline")]
+    if paired:
+        title = f"Paired differences to {result['baseline']} (mean over seeds [95 % t interval], pairs):"
+        lines += ["", title, ""]
+        lines += ["| " + " | ".join(["group", *metrics]) + " |", "|" + "---|" * (len(metrics) + 1)]
+        for row in paired:
+            cells = [row["group"]]
+            for metric in metrics:
+                d = row["paired_to_baseline"].get(metric)
+                cells.append(
+                    "-" if d is None else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] ({d['n']})"
+                )
+            lines.append("| " + " | ".join(cells) + " |")
     if result["unfinished"]:
         lines.append(f"not finished (no summary.json): {', '.join(result['unfinished'])}")
     return "\n".join(lines)
@@ -259,9 +338,10 @@ def compare(
     out: str | Path | None = None,
     metrics: list[str] | None = None,
     curves: list[str] | None = None,
+    baseline: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Table + curves; writes `compare.json`, `compare.md` and the PNGs into `out` (returns it)."""
-    result = compare_runs(paths, metrics, curves)
+    result = compare_runs(paths, metrics, curves, baseline)
     if out is None:  # one sweep folder: beside its runs; else ./compare
         single = Path(paths[0]) if len(paths) == 1 else None
         out = single / "compare" if single and not (single / "config.yaml").exists() else Path("compare")

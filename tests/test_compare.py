@@ -86,3 +86,33 @@ def test_cli_compare_and_bad_folder(sweep: Path, tmp_path: Path, capsys: pytest.
         assert "| algorithm.loss_terms=image_ce,prox | 1 | 20.00 ± 0.00 |" in printed
     assert main(["compare", str(tmp_path / "nothing")]) == 2
     assert "is neither a run folder" in capsys.readouterr().err
+
+
+def test_paired_differences_to_a_baseline_pair_runs_by_seed(sweep: Path, tmp_path: Path) -> None:
+    # a prox run of seed 5 has no FedAvg partner: left out of the pairs, kept in the mean ± std
+    _run(sweep / "7", RUNS[2][0], 5, 100.0, [1.0, 100.0])
+    result = compare_runs([sweep], baseline="loss_terms=image_ce,prox")
+    assert result["baseline"] == "algorithm.loss_terms=image_ce,prox"
+    fedavg = {row["group"]: row for row in result["groups"]}["algorithm.loss_terms=image_ce"]
+    rsum = fedavg["paired_to_baseline"]["test/retrieval/rsum"]
+    # per-seed differences 10 - 20 = -10 and 14 - 22 = -8: mean -9, sd sqrt(2), half 12.706 * sqrt(2)/sqrt(2)
+    assert rsum["n"] == 2 and rsum["mean"] == pytest.approx(-9.0)
+    assert (rsum["low"], rsum["high"]) == pytest.approx((-9.0 - 12.706, -9.0 + 12.706))
+    acc = fedavg["paired_to_baseline"]["test/classification/image/acc"]  # 50 - 50, 51 - 51
+    assert (acc["mean"], acc["low"], acc["high"]) == (0.0, 0.0, 0.0)
+    assert "-9.00 [-21.71, +3.71] (2)" in format_table(result)
+
+
+def test_a_baseline_matching_no_group_or_several_is_one_line(sweep: Path) -> None:
+    with pytest.raises(ValueError, match=r"--baseline 'fedyogi' must match exactly one group, matched none"):
+        compare_runs([sweep], baseline="fedyogi")
+    with pytest.raises(ValueError, match=r"matched 2: algorithm.loss_terms=image_ce; "):
+        compare_runs([sweep], baseline="image_ce")
+
+
+def test_t_quantiles() -> None:
+    from mmfed.compare import t975
+
+    assert t975(1) == 12.706 and t975(2) == 4.303 and t975(22) == 2.086 and t975(31) == 1.96
+    with pytest.raises(ValueError):
+        t975(0)
