@@ -93,7 +93,7 @@ def _quoting_advice(override: str, parser: Any) -> str:
 def check_overrides(overrides: list[str], configs: Path) -> None:
     """Unknown experiment presets are an error listing the presets.
 
-    The defaults list says ``optional experiment: default`` (``experiment=null``: none), and Hydra skips an
+    The defaults list says ``optional experiment: default`` (``~experiment``: none), and Hydra skips an
     optional group entry it cannot find: ``experiment=bogus`` silently ran the default federation
     and ``experiment=[smoke,bogus]`` silently dropped ``bogus``.
     """
@@ -106,7 +106,10 @@ def check_overrides(overrides: list[str], configs: Path) -> None:
         names = value if isinstance(value, list) else [value]
         for name in names:
             if name is None or str(name) == "null":
-                continue
+                raise ConfigError(
+                    "config key 'experiment': null is not a preset; '~experiment' drops the default "
+                    "one (experiment=default), leaving the library's defaults"
+                )
             if str(name) not in known:
                 raise ConfigError(
                     f"config key 'experiment': no preset {str(name)!r} in {configs / 'experiment'}; "

@@ -35,6 +35,7 @@ def _error(capsys: pytest.CaptureFixture[str]) -> str:
 CONFIG_CASES = [
     ("experiment=bogus", r"config key 'experiment': no preset 'bogus' .*presets: compare, creamfl"),
     ("experiment=[smoke,bogus]", r"no preset 'bogus'.*smoke"),
+    ("experiment=null", r"config key 'experiment': null is not a preset; '~experiment' drops the default"),
     ("rounds=0", r"config key 'rounds': must be >= 1, got 0"),
     ("rounds=-1", r"config key 'rounds': must be >= 1, got -1"),
     ("rounds=two", r"config key 'rounds': 'two' is not an integer"),

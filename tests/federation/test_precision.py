@@ -165,6 +165,7 @@ def test_default_federation_trains_images_in_auto_precision_and_presets_in_float
     assert list(default.training.precision_modalities) == ["image", "text"]
     for preset in ("smoke", "testbed", "compare"):
         assert compose([f"experiment={preset}"]).training.precision == "float32", preset
+    assert compose(["~experiment"]).training.precision == "float32"  # the default federation in float32
 
 
 
