@@ -123,6 +123,7 @@ FEDDIFRC = Method(TASK | {"tdcl", "ndcr"}, frozenset({"fedavg"}), any_step=TEACH
 
 # preset -> (what it is composed with, the method its name and comment say)
 TABLE: dict[str, tuple[tuple[str, ...], Method]] = {
+    "default": ((), Method(TASK, frozenset({"fedavg"}), exact=True, settings={"training.precision": "auto"})),
     "smoke": ((), FEDAVG),  # size only
     "compare": ((), FEDAVG),  # size only; the table picks algorithm=...
     "testbed": ((), FEDAVG),  # world and size only; eval/evidence.py adds the method's preset
