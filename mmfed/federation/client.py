@@ -50,6 +50,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16 if native_bfloat16(device) else None
     return PRECISIONS[name]
 
+
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {  # keys: mmfed.settings.OPTIMIZER_NAMES
     "sgd": lambda params, lr, wd, fused: torch.optim.SGD(
         params, lr=lr, momentum=0.9, weight_decay=wd, fused=fused
