@@ -61,7 +61,8 @@ class LocalTrainingBase:
     native bfloat16 (AVX512-BF16 / AMX) convolutions and matmuls run faster (measured in README,
     "Performance"); on CPUs without it bfloat16 is emulated and slower. `precision="auto"` takes
     bfloat16 where the training device computes it natively (a CPU whose oneDNN reports bfloat16
-    support, a CUDA device with bfloat16) and float32 elsewhere; `environment.json` records which.
+    support, a CUDA device with bfloat16) and float32 elsewhere; `summary.json` records which
+    (`environment.cpu_native_bfloat16`).
     float32 by default: an engineering option of ours, not part of any method, and it changes the
     numbers; the default federation (`experiment=default`) opts in with `auto`.
     `precision_modalities` limits it to some encoders. On the CPU attention then runs on torch's

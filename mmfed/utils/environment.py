@@ -3,7 +3,7 @@
 Measured (README, "Reproducing the figures"): with the same code, config and package versions, the
 number of torch threads and the CPU's vector instruction set (AVX-512 vs AVX2 kernels) each change
 float results in the 7th digit, which twelve rounds of training turn into visibly different metrics.
-The run folder records them in ``environment.json`` so two runs that differ can be told apart.
+A run's ``summary.json`` records them (its ``environment``) so two runs that differ can be told apart.
 """
 
 from __future__ import annotations
