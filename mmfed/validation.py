@@ -154,6 +154,14 @@ def check_run_keys(cfg: DictConfig) -> None:
     _int(cfg, "clients_per_round", minimum=1, optional=True)
     _int(cfg, "min_replies", minimum=1, optional=True)
     _int(cfg, "threads", minimum=1, optional=True)
+    workers = cfg.get("workers", 1)
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"config key 'workers': must be an integer >= 1 or 'auto', got {workers!r}")
+    if workers not in (1, "auto") and cfg.get("engine") == "flower":
+        raise ConfigError(
+            "config key 'workers': worker processes are the embedded engine's; under engine=flower "
+            "clients run where Flower places them (flower.* sets their resources)"
+        )
     for key in ("resume", "quiet"):
         _bool(cfg, key)
     check_name(cfg.get("name"))

@@ -24,4 +24,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return simulate(run)
         return run.train()
     finally:
+        close = getattr(run.engine, "close", None)
+        if close is not None:  # the embedded engine's worker processes
+            close()
         run.lock.release()

@@ -31,7 +31,7 @@ from mmfed.data.partition import Partitioner
 from mmfed.data.samples import MultimodalSplit
 from mmfed.evaluation import Evaluator, evaluate_protocol
 from mmfed.federation.client import ClientApp, ClientData, LocalTraining, ModelPool
-from mmfed.federation.embedded import ClientStateStore, EmbeddedEngine
+from mmfed.federation.embedded import ClientStateStore, EmbeddedEngine, resolve_workers
 from mmfed.federation.folder import RunLock, check_run_dir
 from mmfed.federation.server import COST_PREFIX, Engine, RoundTraffic, Server, add_metrics
 from mmfed.loggers import open_loggers
@@ -278,8 +278,15 @@ class Run:
             engine = FlowerEngine.from_config(cfg)
         if engine is None:
             factories = {c.cid: (lambda cid=c.cid: self.federation.client_app(cid)) for c in self.clients}
+            workers = min(resolve_workers(cfg.get("workers", 1)), len(self.clients))  # no idle worker
             engine = EmbeddedEngine(
-                factories, self.store, quiet=self.quiet, client_timeout=cfg.client_timeout
+                factories,
+                self.store,
+                quiet=self.quiet,
+                client_timeout=cfg.client_timeout,
+                workers=workers,
+                worker_threads=max(1, torch.get_num_threads() // workers),  # `threads` in all
+                costs={c.cid: c.num_examples * (2.0 if c.kind == "paired" else 1.0) for c in self.clients},
             )
         self.engine = engine
         self._claim_folder()
