@@ -1,10 +1,12 @@
 """Where a default round's time goes: an exclusive-time breakdown of `mmfed train` rounds.
 
-Builds the default federation (`mmfed train` with no overrides but the run folder and the round
-count), runs ``--rounds`` rounds (default 2: round 1 pays one-off costs such as building the
-pooled models; the table is the mean of the later rounds) and attributes every second to one
-bucket. Buckets are exclusive (a timer inside another is subtracted from it), so they add up to
-the round; what no timer covers is ``other``:
+Builds the default federation (`mmfed train` with no overrides but the run folder, the round
+count and ``workers=1``: the timers see only this process, so the clients run here, one after
+another, as in a `workers=1` run; a `workers=N` round is measured by `mmfed train` itself), runs
+``--rounds`` rounds (default 2: round 1 pays one-off costs such as building the pooled models; the
+table is the mean of the later rounds) and attributes every second to one bucket. Buckets are
+exclusive (a timer inside another is subtracted from it), so they add up to the round; what no
+timer covers is ``other``:
 
 - ``data/batching`` (ClientData.batches: permutation, row gathers, caption draw), ``data/tokenising``
   (the text encoders' tokenizer), ``client/build`` (Federation.client_app: the client's split
@@ -287,7 +289,9 @@ def main() -> None:
     calib_before = calibration()
     tmp = Path(tempfile.mkdtemp(prefix="profile_round_"))
     try:
-        cfg = compose([*args.overrides, f"rounds={args.rounds}", "quiet=true", f"run_dir={tmp}/run"])
+        # workers=1 first so that an override can still ask for workers (then only the parent is timed)
+        base = ["workers=1", *args.overrides]
+        cfg = compose([*base, f"rounds={args.rounds}", "quiet=true", f"run_dir={tmp}/run"])
         began = time.perf_counter()
         run = Run(cfg)
         setup = time.perf_counter() - began
