@@ -227,8 +227,8 @@ class EmbeddedEngine:
                 initializer=_start_worker,
                 initargs=(self.worker_threads,),
             )
-        # Largest first (longest-processing-time order): with 3 paired clients costing twice an
-        # unimodal one, submission order alone left a worker idle at the end of the stage.
+        # Largest first (longest-processing-time order): a paired client costs ~1.75 unimodal image
+        # ones (run.ROW_COST), and submission order alone left a worker idle at the end of a stage.
         order = sorted(payloads, key=lambda cid: -self.costs.get(cid, 1.0))
         futures: dict[Future, str] = {
             self._pool.submit(_run_client, cid, payloads[cid], self.store.load(cid, before_round=round_)): cid
