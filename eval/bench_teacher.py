@@ -45,6 +45,7 @@ import torch
 import mmfed  # noqa: F401  (the torchvision guard, before diffusers/transformers)
 from mmfed.teacher.model import DTYPES, StableDiffusionTeacher, TeacherSettings, default_teacher
 from mmfed.teacher.tiny import DEFAULT_VOCAB, SD_SCHEDULER, build_tiny_sd, save_sd_folder, write_tokenizer
+from mmfed.utils.environment import native_bfloat16
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_teacher"
 
@@ -113,11 +114,6 @@ def synthetic_architecture(folder: Path) -> Path:
     return folder
 
 
-def bf16_supported() -> bool:
-    """Whether this CPU runs bfloat16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def load_teacher(model: str, args: argparse.Namespace, dtype: str) -> StableDiffusionTeacher:
     """The teacher in `dtype`. TeacherSettings allows half dtypes only on CUDA, so a CPU bfloat16
     teacher is loaded in float32 and cast here (what a CPU bf16 option would do)."""
@@ -177,7 +173,7 @@ def main() -> None:
     dtypes = (
         args.dtypes.split(",")
         if args.dtypes
-        else ["float32"] + (["bfloat16"] if on_cpu and bf16_supported() else [])
+        else ["float32"] + (["bfloat16"] if on_cpu and native_bfloat16(torch.device("cpu")) else [])
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,7 +229,7 @@ def main() -> None:
         "model": name,
         "resolution": teacher.resolution,
         "dtypes": dtypes,
-        "bf16_native": bf16_supported() if on_cpu else None,
+        "bf16_native": native_bfloat16(torch.device("cpu")) if on_cpu else None,
         "device": str(teacher.device),
         "device_name": device_name or platform.machine(),
         "torch_threads": torch.get_num_threads(),

@@ -223,11 +223,6 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {std:.1f}"
 
 
-def paired(a: list[float | None], b: list[float | None]) -> tuple[float, float, float, int] | None:
-    """Mean of the per-seed differences a - b and its 95 % t interval (seeds where both exist)."""
-    return paired_difference(a, b)
-
-
 def diff_cell(result: tuple[float, float, float, int] | None) -> str:
     if result is None:
         return "-"
@@ -485,7 +480,9 @@ def report(plan: Plan, methods: list[Method], settings: list[str], seeds: list[i
                 "local/image/classification/image/acc/mean",
             ):
                 diffs.append(
-                    "" if name == "fedavg" or base is None else diff_cell(paired(row[key], base[key]))
+                    ""
+                    if name == "fedavg" or base is None
+                    else diff_cell(paired_difference(row[key], base[key]))
                 )
             walls = [w for w in row["wall s"] if w is not None]
             wall = f"{statistics.mean(walls):.0f}" if walls else "-"
@@ -495,7 +492,7 @@ def report(plan: Plan, methods: list[Method], settings: list[str], seeds: list[i
     lines += ["| claim | source | setting | metric | Δ [95 % CI] | verdict |", "|---|---|---|---|---|---|"]
     for claim, setting, a, b, key, source in CLAIMS:
         rows = table.get(setting, {})
-        result = paired(rows[a][key], rows[b][key]) if a in rows and b in rows else None
+        result = paired_difference(rows[a][key], rows[b][key]) if a in rows and b in rows else None
         metric = next((c for c, k in COLUMNS.items() if k == key), key)
         lines.append(
             f"| {claim} | {source} | {setting} | {metric} | {diff_cell(result)} | {verdict(result)} |"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mmfed.cli import main
-from mmfed.compare import compare, compare_runs, differing_keys, format_table
+from mmfed.compare import compare, compare_runs, differing_keys, format_table, paired_difference
 
 # (algorithm's loss terms, seed, final retrieval/rsum, per-round val/retrieval/rsum)
 RUNS = [
@@ -116,3 +116,14 @@ def test_t_quantiles() -> None:
     assert t975(1) == 12.706 and t975(2) == 4.303 and t975(22) == 2.086 and t975(31) == 1.96
     with pytest.raises(ValueError):
         t975(0)
+
+
+def test_paired_difference_is_per_seed_with_a_t_interval() -> None:
+    # differences 2, 4, 6: mean 4, sd 2, half width t(0.975, 2) * 2 / sqrt(3) = 4.303 * 1.1547 = 4.969
+    mean, lo, hi, n = paired_difference([12.0, 14.0, 16.0], [10.0, 10.0, 10.0])
+    assert (mean, n) == (4.0, 3)
+    assert lo == pytest.approx(4.0 - 4.9687, abs=1e-3) and hi == pytest.approx(4.0 + 4.9687, abs=1e-3)
+    # seed-to-seed noise shared by both methods cancels: per-seed differences 2, 4, 6 again
+    with_noise = paired_difference([11.0, 15.0, 16.0], [9.0, 11.0, 10.0])
+    assert with_noise[1] == pytest.approx(lo)
+    assert paired_difference([1.0, None, 3.0], [0.0, 0.0, None]) is None  # one usable seed: no interval

@@ -8,6 +8,7 @@ A run's ``summary.json`` records them (its ``environment``) so two runs that dif
 
 from __future__ import annotations
 
+import functools
 import platform
 from importlib import metadata
 from typing import Any
@@ -41,10 +42,16 @@ def _version(package: str) -> str | None:
 
 def native_bfloat16(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 natively: on a CPU, oneDNN's check (AVX512-BF16 or AMX
-    instructions); on CUDA, torch's. Emulated bfloat16 is slower than float32, so `auto` skips it."""
-    if device.type == "cpu":
+    instructions); on CUDA, torch's. Emulated bfloat16 is slower than float32, so `auto` skips it.
+    Asked once per device type (the trainer asks every step)."""
+    return _native_bfloat16(device.type)
+
+
+@functools.cache
+def _native_bfloat16(device_type: str) -> bool:
+    if device_type == "cpu":
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if device.type == "cuda":
+    if device_type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return False
 

@@ -1,25 +1,13 @@
-"""The evidence table's arithmetic (eval/evidence.py): paired intervals, verdicts, the local-only row."""
+"""The evidence table's arithmetic (eval/evidence.py): verdicts, the local-only row (its paired intervals:
+mmfed.compare.paired_difference, tests/test_compare.py)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parents[2] / "eval"))
 import evidence  # noqa: E402
-
-
-def test_paired_difference_is_per_seed_with_a_t_interval() -> None:
-    # differences 2, 4, 6: mean 4, sd 2, half width t(0.975, 2) * 2 / sqrt(3) = 4.303 * 1.1547 = 4.969
-    mean, lo, hi, n = evidence.paired([12.0, 14.0, 16.0], [10.0, 10.0, 10.0])
-    assert (mean, n) == (4.0, 3)
-    assert lo == pytest.approx(4.0 - 4.9687, abs=1e-3) and hi == pytest.approx(4.0 + 4.9687, abs=1e-3)
-    # seed-to-seed noise shared by both methods cancels: per-seed differences 2, 4, 6 again
-    with_noise = evidence.paired([11.0, 15.0, 16.0], [9.0, 11.0, 10.0])
-    assert with_noise[1] == pytest.approx(lo)
-    assert evidence.paired([1.0, None, 3.0], [0.0, 0.0, None]) is None  # one usable seed: no interval
 
 
 def test_verdicts_follow_the_interval() -> None:
