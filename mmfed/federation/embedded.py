@@ -15,9 +15,11 @@ Why worker processes: a client's training step on 2 threads runs only 1.48x fast
 they inherit the built federation (world, partitions, client factories) without pickling it;
 payloads, client state and replies travel by pickle (torch's shared-memory tensor reductions).
 Clients are independent within a stage (each is seeded by run seed, round and client id and reads
-the server only through its payload, as under Flower), so a run with `workers=N` gives the numbers
-of the same run with `threads=` the workers' thread count. The client state store stays in this
-process: it loads a client's state for the task and saves what comes back.
+the server only through its payload, as under Flower), so with `workers=N` every client computes
+what it computes in one process at the workers' thread count; the server's steps and evaluation
+stay in this process at its `threads` (with `threads=1`, as in the tests, a run equals its
+`workers=1` twin bit for bit). The client state store stays in this process: it loads a client's
+state for the task and saves what comes back.
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ class EmbeddedEngine:
         replies[cid] = reply
 
     def run_stage(self, stage: str, round_: int, payloads: dict[str, Payload]) -> dict[str, Reply]:
-        if self.workers > 1 and len(payloads) > 1:
+        if self.workers > 1:  # even for one client: it trains at the workers' thread count, as all do
             return self._run_parallel(stage, round_, payloads)
         replies: dict[str, Reply] = {}
         bar = tqdm(

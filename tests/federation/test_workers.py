@@ -109,3 +109,19 @@ def test_auto_is_one_worker_per_usable_core() -> None:
 def test_the_default_federation_uses_one_worker_per_core_and_presets_one_process() -> None:
     assert compose([]).workers == "auto"
     assert compose(["experiment=smoke"]).workers == 1
+
+
+def test_a_stage_of_one_client_goes_to_a_worker_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else that client would train at the main process's thread count, unlike every other one."""
+    from mmfed.federation.embedded import EmbeddedEngine
+
+    sizes: list[int] = []
+    parallel = EmbeddedEngine._run_parallel
+
+    def spy(self: EmbeddedEngine, stage: str, round_: int, payloads: dict) -> dict:
+        sizes.append(len(payloads))
+        return parallel(self, stage, round_, payloads)
+
+    monkeypatch.setattr(EmbeddedEngine, "_run_parallel", spy)
+    train(compose([*SMOKE, "rounds=1", "clients_per_round=1", "workers=2", f"run_dir={tmp_path / 'run'}"]))
+    assert 1 in sizes
