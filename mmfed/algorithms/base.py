@@ -98,6 +98,11 @@ class ServerStep:
     # Global-model parts this step trains; the global model is built with the union over the steps,
     # so a part nothing trains (e.g. heads under pure distillation) is neither built nor evaluated.
     trains_parts: tuple[str, ...] = ()
+    # True: what `broadcast` sends in the "evaluate" stage depends only on `round_.global_model` and
+    # the client, never on the step's own state, so a run whose clients hold no personal state may
+    # evaluate the best round's clients once, at the end, from best.pt (the same numbers, fewer
+    # evaluations; see Run.finish). False (the safe default for a new step): evaluated at each best round.
+    evaluate_from_global: bool = False
 
     def broadcast(self, round_: ServerRound, client: ClientSpec) -> Payload:
         """This step's part of the payload for `client`: tensors, config, and what to reply with."""

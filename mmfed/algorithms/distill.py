@@ -199,6 +199,7 @@ def aggregate(
 class EnsembleDistillation(ServerStep):
     uses_public = True
     trains_parts = ("image_encoder", "text_encoder", "logit_scale")
+    evaluate_from_global = True  # outside the fit stage: the global encoders (send_global_encoders)
 
     def __init__(
         self,

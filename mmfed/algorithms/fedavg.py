@@ -115,6 +115,7 @@ class ModalityFedAvg(ServerStep):
     """Broadcast the global parts a client's kind trains; average the returned parts by sample count."""
 
     trains_parts = KIND_PARTS["global"]
+    evaluate_from_global = True  # sends the global model's parts
 
     def __init__(
         self,

@@ -334,6 +334,7 @@ class AuxDataCorrection(ServerStep):
 
     prepares = True  # takes part in the one-time prepare stage (clients upload their models)
     trains_parts = ("image_encoder", "image_head")
+    evaluate_from_global = True  # sends nothing
 
     def __init__(
         self,

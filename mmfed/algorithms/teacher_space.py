@@ -90,6 +90,7 @@ class TeacherSpace(ServerStep):
     """Fits the teacher-to-latent maps once on public data and sends them to every client."""
 
     uses_public = True
+    evaluate_from_global = True  # sends nothing outside the fit stage
 
     def __init__(
         self,

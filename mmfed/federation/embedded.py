@@ -100,6 +100,10 @@ class ClientStateStore:
         if state:
             save_torch(state, self.root / cid / f"round_{round_:05d}.pt")
 
+    def empty(self) -> bool:
+        """No client holds personal state (nothing saved yet, or nothing ever to save)."""
+        return not self.root.is_dir() or next(self.root.glob("*/round_*.pt"), None) is None
+
     def rollback(self, committed_round: int) -> None:
         """Forget everything written after `committed_round`; keep only the newest file before it."""
         if not self.root.is_dir():

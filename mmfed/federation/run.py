@@ -447,7 +447,9 @@ class Run:
             if score > best["score"]:
                 best = {"round": round_, "score": score}
                 save_torch(self.global_model.state_dict(), self.dir / "checkpoints" / "best.pt")
-                if self.client_eval_round == "best":  # the pair belongs to this round: evaluate it now
+                if self.client_eval_round == "best" and self._client_eval_deferrable():
+                    best["deferred"] = True  # evaluated once, in `finish`, from best.pt: the same pair
+                elif self.client_eval_round == "best":  # the pair belongs to this round: evaluate it now
                     best["clients"] = self._evaluate_clients(round_)
             with metrics_file.open("a") as handle:
                 handle.write(dumps(record) + "\n")
@@ -502,6 +504,15 @@ class Run:
         self.store.rollback(0)
         return record
 
+    def _client_eval_deferrable(self) -> bool:
+        """Whether the clients' evaluation of this round can wait for the end of training and give the
+        same numbers: no client holds personal state (so their models are the global model alone) and
+        every server step's evaluate payload depends only on the global model, which best.pt keeps.
+        Skips the evaluations of best rounds that a later round beats. Only the embedded engine can
+        tell that its clients hold no state (under Flower it lives on the nodes): others evaluate now."""
+        store = getattr(self.engine, "store", None)
+        return isinstance(store, ClientStateStore) and store.empty() and self.server.evaluate_from_global
+
     def _evaluate_clients(self, after_round: int) -> dict[str, dict[str, float]]:
         """Every client on its local test split, with the model it has after `after_round`: the
         global model as it is now plus its personal parts as of that round (fusion, heads,
@@ -515,18 +526,22 @@ class Run:
     ) -> dict[str, Any]:
         """Test metrics of the model chosen on validation: the only time the test split is used
         (per client: the local test splits, at the round `client_eval_round` names)."""
+        best_file = self.dir / "checkpoints" / "best.pt"
         if self.client_eval_round == "last":  # before the best round's global model is loaded
             per_client, clients_round = self._evaluate_clients(rounds), rounds
         elif "clients" in best:
             per_client, clients_round = best["clients"], best["round"]
-        else:
+        elif not best.get("deferred"):
             raise RunError(
                 f"{self.dir}: checkpoints/last.pt has no per-client metrics of the best round "
                 "(written by an older mmfed); start a new run name"
             )
-        best_file = self.dir / "checkpoints" / "best.pt"
         if best_file.exists():
             self.global_model.load_state_dict(load_checkpoint(best_file, advice=RESUME_ADVICE))
+        if self.client_eval_round == "best" and best.get("deferred"):
+            # Stateless clients: the global model of the best round is the model each client had then.
+            per_client = self.server.evaluate_clients(best["round"] + 1, self.engine)
+            clients_round = best["round"]
         test = self.evaluator.evaluate(self.global_model, self.test_split)
         summary: dict[str, Any] = {TEST_PREFIX + k: v for k, v in test.items()}  # beside val/..., local/...
         chance = split_chance(self.test_split, self.evaluator.ks)  # the floor each test metric sits on
@@ -552,6 +567,10 @@ class Run:
         # Per client: the model it would use (global parts + its personal parts) on its local test split.
         summary.update(_client_summary(per_client, self.clients))
         summary["clients"] = per_client
+        failures = getattr(self.engine, "failures", [])  # clients missing from `clients`, and why
+        summary["client_eval_failures"] = [
+            f.as_dict() for f in failures if f.stage == "evaluate" and f.round == clients_round + 1
+        ]
         summary.update(
             {
                 "rounds": rounds,

@@ -121,6 +121,13 @@ class Server:
         return metrics, traffic, all_replies
 
     @property
+    def evaluate_from_global(self) -> bool:
+        """Whether every step's evaluate-stage payload depends only on the global model (see
+        `ServerStep.evaluate_from_global`): then the clients' evaluation of a round can be rebuilt later
+        from that round's global weights."""
+        return all(step.evaluate_from_global for step in self.steps.values())
+
+    @property
     def prepares(self) -> bool:
         """Whether some step declares `prepares = True` (a one-time "prepare" stage before round 1)."""
         return any(step.prepares for step in self.steps.values())
