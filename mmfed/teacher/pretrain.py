@@ -106,6 +106,9 @@ class PretrainSettings:
     about two minutes: 11 keeps a default run within 15 minutes, measured 12 min 55 s on the loaded
     2-core machine). `steer_*`, `feature_rms`, `margin_*`: the steering pairs (module docstring, 3c-d);
     `check_dim`: the latent dimension D of the FedDifRC map the check reads `prompt_cosine` through.
+    `text_time_embedding`: also feed an attention-pooled prompt embedding into the U-Net's timestep
+    embedding (diffusers' ``addition_embed_type="text"``; SD has cross-attention only, so off by
+    default; measured not to make the diffusion classifier work, README "The synthetic teacher").
     `steps` / `vae_steps`: optional caps on optimiser steps of each phase (with a cap and enough
     minutes the run is reproducible step for step). `world_seed` / `n_public` /
     `n_val`: the synthetic world whose public split is trained on and whose val split is checked.
@@ -151,6 +154,7 @@ class PretrainSettings:
         vae_channels: list[int] = (16, 32, 32),
         unet_channels: list[int] = (32, 64, 128, 128),
         attention_head_dim: int = 8,
+        text_time_embedding: bool = False,
         check_images: int = 200,
         check_public: int = 1000,
         check_dim: int = 128,
@@ -214,6 +218,7 @@ class PretrainSettings:
         self.text_width, self.text_layers, self.max_length = text_width, text_layers, max_length
         self.vae_channels, self.unet_channels = list(vae_channels), list(unet_channels)
         self.attention_head_dim = attention_head_dim
+        self.text_time_embedding = bool(text_time_embedding)
         self.check_images, self.check_public, self.check_dim = check_images, check_public, check_dim
         if threads is not None:
             check_positive("teacher_pretrain.threads", threads)
@@ -803,6 +808,7 @@ def build_parts(settings: PretrainSettings, tokenizer: Any, seed: int) -> dict[s
             unet_channels=settings.unet_channels,
             attention_head_dim=settings.attention_head_dim,
             norm_groups=8,
+            text_time_heads=max(1, settings.text_width // 16) if settings.text_time_embedding else None,
         )
     return {"tokenizer": tokenizer, **parts}
 

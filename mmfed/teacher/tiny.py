@@ -117,8 +117,14 @@ def tiny_parts(
     layers_per_block: int = 1,
     attention_head_dim: int = 4,
     norm_groups: int = 4,
+    text_time_heads: int | None = None,
 ) -> dict[str, Any]:
-    """Freshly initialised SD parts (text encoder, VAE, U-Net, scheduler); the caller seeds torch."""
+    """Freshly initialised SD parts (text encoder, VAE, U-Net, scheduler); the caller seeds torch.
+
+    `text_time_heads`: also add an attention-pooled prompt embedding to the U-Net's timestep embedding
+    (diffusers' ``addition_embed_type="text"``, with that many pooling heads), so every ResNet block
+    sees the prompt, as class-conditional DDPMs (ADM) see their class; None: cross-attention only, as SD.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -155,6 +161,11 @@ def tiny_parts(
         cross_attention_dim=text_width,
         attention_head_dim=attention_head_dim,
         norm_num_groups=norm_groups,
+        **(
+            {"addition_embed_type": "text", "addition_embed_type_num_heads": text_time_heads}
+            if text_time_heads
+            else {}
+        ),
     )
     return {
         "text_encoder": CLIPTextModel(text_config),

@@ -195,3 +195,20 @@ def test_steering_makes_class_prompts_move_the_features(tmp_path: Path) -> None:
     steered = conditioned_cosine(tmp_path / "steered", steer)
     plain = conditioned_cosine(tmp_path / "plain", [*steer, "steer_weight=0", "margin_weight=0"])
     assert steered < 0.9 and steered < plain - 0.1, (steered, plain)
+
+
+def test_text_time_embedding_feeds_the_prompt_to_every_block_and_loads(tmp_path: Path) -> None:
+    """`text_time_embedding=true` (an option, measured not to help the diffusion classifier, README):
+    the saved U-Net pools the prompt into its timestep embedding, and the teacher loads it."""
+    out = tmp_path / "teacher"
+    pretrain_from_overrides([f"out={out}", *TINY, "text_time_embedding=true"], quiet=True)
+    teacher = StableDiffusionTeacher.load(TeacherSettings(model=str(out)))
+    assert teacher.unet.config.addition_embed_type == "text"
+    with torch.no_grad():  # the added embedding alone moves the output: drop cross-attention's context
+        for block in [*teacher.unet.down_blocks, teacher.unet.mid_block, *teacher.unet.up_blocks]:
+            for attention in getattr(block, "attentions", []):
+                attention.forward = lambda hidden_states, *args, **kwargs: (hidden_states,)
+        latents = torch.randn(1, 4, teacher.unet.config.sample_size, teacher.unet.config.sample_size)
+        contexts = torch.randn(2, 1, 32, 16)
+        outputs = [teacher.unet(latents, 10, encoder_hidden_states=c).sample for c in contexts]
+    assert not torch.allclose(outputs[0], outputs[1])
