@@ -111,7 +111,10 @@ class PretrainSettings:
     default; measured not to make the diffusion classifier work, README "The synthetic teacher").
     `steps` / `vae_steps`: optional caps on optimiser steps of each phase (with a cap and enough
     minutes the run is reproducible step for step). `world_seed` / `n_public` /
-    `n_val`: the synthetic world whose public split is trained on and whose val split is checked.
+    `n_val`: the synthetic world whose public split is trained on and whose val split is checked;
+    `world_sizes` / `world_counts` / `world_positions` restrict its objects as the federation's
+    ``data.sizes`` / ``counts`` / ``positions`` do (None: all), so a teacher can be trained on the
+    distribution its federation sees (the evidence testbed: ``[medium,large]``, ``[1]``, ``[centre]``).
     `threads`: torch's intra-op threads for the run (None: torch's default, i.e. OMP_NUM_THREADS).
     1 by default because the 2-core machine this was made on is shared: under load a small U-Net
     step took 0.24 s with 1 thread and 0.7-0.9 s with 2, and a default run with 2 threads made 75
@@ -125,6 +128,9 @@ class PretrainSettings:
         minutes: float = 11.0,
         seed: int = 0,
         world_seed: int = 0,
+        world_sizes: list[str] | None = None,
+        world_counts: list[int] | None = None,
+        world_positions: list[str] | None = None,
         n_public: int = 2000,
         n_val: int = 500,
         resolution: int = 32,
@@ -195,6 +201,15 @@ class PretrainSettings:
             )
         self.out = default_teacher() if out == "default" else out
         self.minutes, self.seed, self.world_seed = float(minutes), int(seed), int(world_seed)
+        given = {"sizes": world_sizes, "counts": world_counts, "positions": world_positions}
+        self.world_options = {name: list(value) for name, value in given.items() if value is not None}
+        from mmfed.data.synthetic import SyntheticWorld
+
+        try:  # the world's own checks, named by this config's keys
+            SyntheticWorld(seed=0, n_train=1, n_public=1, n_val=1, n_test=1, **self.world_options)
+        except ValueError as error:
+            problem = str(error).removeprefix("SyntheticWorld: ")
+            raise ValueError(f"teacher_pretrain.world_{problem}") from None
         self.n_public, self.n_val, self.resolution = n_public, n_val, resolution
         self.steps, self.vae_steps, self.vae_fraction = steps, vae_steps, vae_fraction
         self.batch_size, self.lr, self.vae_lr, self.kl_weight = batch_size, lr, vae_lr, kl_weight
@@ -845,7 +860,9 @@ def pretrain(
 
     start = time.monotonic()
     out = Path(settings.out).expanduser()
-    world = SyntheticWorld(seed=settings.world_seed, n_public=settings.n_public, n_val=settings.n_val)
+    world = SyntheticWorld(
+        seed=settings.world_seed, n_public=settings.n_public, n_val=settings.n_val, **settings.world_options
+    )
     public = world.split("public")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temp_dirs(out.parent, f".{out.name}.tmp-")  # what a killed pretrain left

@@ -122,6 +122,8 @@ def test_a_failed_pretrain_leaves_the_old_teacher_and_no_temp_folder(
         ("steer_fraction=0.6", r"teacher_pretrain\.aux_fraction \+ steer_fraction must be < 1"),
         ("unet_channels=[8,16]", r"teacher_pretrain\.unet_channels needs SD's 4 stages"),
         ("minutes", "is not key=value"),
+        ("world_sizes=[huge]", r"teacher_pretrain\.world_sizes must list distinct values of .*'huge'"),
+        ("world_counts=[]", r"teacher_pretrain\.world_counts must list distinct values .*\(empty\)"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(override: str, pattern: str) -> None:
@@ -212,3 +214,25 @@ def test_text_time_embedding_feeds_the_prompt_to_every_block_and_loads(tmp_path:
         contexts = torch.randn(2, 1, 32, 16)
         outputs = [teacher.unet(latents, 10, encoder_hidden_states=c).sample for c in contexts]
     assert not torch.allclose(outputs[0], outputs[1])
+
+
+def test_the_world_options_restrict_what_the_teacher_is_trained_and_checked_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`world_sizes` / `world_counts` / `world_positions` reach the world of the public and val rows."""
+    made: list[SyntheticWorld] = []
+    original = SyntheticWorld.__init__
+
+    def recording(self: SyntheticWorld, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(SyntheticWorld, "__init__", recording)
+    options = ["world_sizes=[large]", "world_counts=[1]", "world_positions=[centre]"]
+    result = pretrain_from_overrides([f"out={tmp_path / 't'}", *TINY, *options], quiet=True)
+    world = made[-1]  # the one the run trained on (the settings check builds one first)
+    assert {a["size"] for a in world.attributes("public")} == {"large"}
+    assert {a["position"] for a in world.attributes("val")} == {"centre"}
+    assert {a["count"] for a in world.attributes("val")} == {1}
+    meta = json.loads((Path(result["path"]) / META_FILE).read_text())
+    assert meta["settings"]["world_sizes"] == ["large"]
